@@ -1,0 +1,112 @@
+"""
+The KV cache of the streaming model, and the policies that decide what it keeps and where it sits in time.
+
+Per layer and per cached frame the cache stores keys and values *before* RoPE, plus a per-frame descriptor
+(the mean key over the frame's tokens, per head), which top-k history routing and surprisal-gated memory use.
+Positions are assigned when the cache is read, so each policy is a few lines:
+
+  full     keep every frame at its absolute position. Memory and per-chunk cost grow linearly, and once the
+           stream is longer than the training clip the model sees distances it never trained on: the
+           baseline that breaks.
+  window   keep the last `window` frames (Self Forcing / CausVid rolling KV cache).
+  sink     keep the first `sink` frames for good plus the last `window` frames (StreamingLLM's attention
+           sink, used by Rolling Forcing and LongLive). The sink is placed just before the window, as
+           Rolling Forcing re-rotates it on every call.
+
+Bounded positions (window, sink): the kept frames are re-indexed to contiguous positions 0..n-1 and the
+current chunk follows them, so the largest position ever used is sink + window + chunk - 1 however long the
+stream runs (Infinity-RoPE, Context Forcing). RoPE only sees relative distances, so for a plain window this
+re-indexing changes no output; it is what keeps the sink (and every absolute number) inside the trained range.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+POLICIES = ("full", "window", "sink")
+
+
+@dataclass
+class MemoryConfig:
+    policy: str = "sink"
+    window: int = 6     # recent history frames kept (window, sink)
+    sink: int = 3       # first frames kept for good (sink)
+
+    def check(self, chunk: int, trained_frames: int):
+        """Raise ValueError if this policy would stream outside the model's trained positions."""
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown memory policy {self.policy!r} (choose from {', '.join(POLICIES)})")
+        if self.policy == "full":
+            return   # allowed on purpose: it is the baseline that leaves the trained range
+        sink = self.sink if self.policy == "sink" else 0
+        if self.window < 1 or sink < 0:
+            raise ValueError(f"memory window must be >= 1 and sink >= 0 (got window={self.window}, sink={sink})")
+        if sink + self.window + chunk > trained_frames:
+            raise ValueError(f"memory sink {sink} + window {self.window} + chunk {chunk} frames exceeds the "
+                             f"{trained_frames} frames the model was trained on")
+
+
+class KVCache:
+    """Pre-RoPE keys/values of finished frames, for every layer. Frames are appended a chunk at a time."""
+
+    def __init__(self, cfg: MemoryConfig, depth: int):
+        assert cfg.policy in POLICIES, cfg.policy
+        self.cfg = cfg
+        self.k = [None] * depth        # per layer (B, Fc, L, H, hd)
+        self.v = [None] * depth
+        self.desc = [None] * depth     # per layer (B, Fc, H, hd): mean key of each frame
+        self.frames = []               # absolute index of each cached frame, oldest first
+        self.next_frame = 0            # absolute index of the next frame the stream will produce
+
+    def __len__(self):
+        return len(self.frames)
+
+    def positions(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Time positions of the cached frames (Fc,) and of the n query frames that come next (n,)."""
+        if self.cfg.policy == "full":
+            cached = torch.tensor(self.frames, dtype=torch.long)
+            query = torch.arange(self.next_frame, self.next_frame + n)
+        else:
+            cached = torch.arange(len(self.frames))
+            query = torch.arange(len(self.frames), len(self.frames) + n)
+        return cached, query
+
+    def kv(self, layer: int):
+        """(k, v) of layer `layer` as (B, Fc*L, H, hd) each, or None while the cache is empty."""
+        if self.k[layer] is None:
+            return None
+        return self.k[layer].flatten(1, 2), self.v[layer].flatten(1, 2)
+
+    @torch.no_grad()
+    def append(self, kvs: list, n: int):
+        """Add n finished frames: kvs holds one (k, v) per layer, each (B, n*L, H, hd). Then evict."""
+        for i, (k, v) in enumerate(kvs):
+            k, v = k.detach().unflatten(1, (n, -1)), v.detach().unflatten(1, (n, -1))   # (B, n, L, H, hd)
+            d = k.float().mean(dim=2)
+            self.k[i] = k if self.k[i] is None else torch.cat([self.k[i], k], dim=1)
+            self.v[i] = v if self.v[i] is None else torch.cat([self.v[i], v], dim=1)
+            self.desc[i] = d if self.desc[i] is None else torch.cat([self.desc[i], d], dim=1)
+        self.frames += range(self.next_frame, self.next_frame + n)
+        self.next_frame += n
+        self._evict()
+
+    def _evict(self):
+        keep = self._keep()
+        if len(keep) == len(self.frames):
+            return
+        idx = torch.tensor(keep, device=self.k[0].device)
+        for i in range(len(self.k)):
+            self.k[i], self.v[i], self.desc[i] = (t.index_select(1, idx) for t in (self.k[i], self.v[i], self.desc[i]))
+        self.frames = [self.frames[j] for j in keep]
+
+    def _keep(self) -> list[int]:
+        """Indices (into self.frames) of the frames the policy keeps."""
+        n, cfg = len(self.frames), self.cfg
+        if cfg.policy == "full":
+            return list(range(n))
+        sink = [j for j in range(n) if cfg.policy == "sink" and self.frames[j] < cfg.sink]
+        recent = [j for j in range(max(0, n - cfg.window), n) if j not in sink]
+        return sink + recent
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in (self.k, self.v, self.desc) for t in ts if t is not None)

@@ -1,0 +1,372 @@
+"""
+The block-causal diffusion transformer (DiT) every forcing method trains.
+
+It follows Wan2.1's transformer (the model Self Forcing, Rolling Forcing and LongLive build on), scaled down:
+  - patchify each frame into (H/p)(W/p) tokens (a (1, p, p) patch: time is never patched);
+  - per-frame timestep conditioning: adaLN-Zero modulation computed from sigma[B, F], so one sequence can
+    hold frames at different noise levels (Diffusion Forcing, teacher forcing's clean/noisy halves,
+    Rolling Forcing's window of rising noise);
+  - 3-axis RoPE (time, row, column). Positions are an *input*: the caller (a layout, or a KV-cache policy
+    in memory.py) decides where each frame sits in time, so streaming can re-index frames freely;
+  - cross-attention to the prompt, with a learned start token so the empty (null) prompt is well defined;
+  - two forwards: `forward` for the training layouts of attention.py, and `forward_cached` for streaming,
+    where the current chunk attends, unmasked, to the KV cache plus itself.
+
+Keys are returned *before* RoPE so the cache can store them position-free (memory.py).
+"""
+
+import glob
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import attend, block_mask, frame_mask, token_mask
+from data import VOCAB
+
+
+@dataclass
+class DiTConfig:
+    height: int = 32          # frame size in pixels (or latent cells for the Wan shape)
+    width: int = 32
+    channels: int = 3
+    patch: int = 4            # spatial patch; tokens per frame = (height/patch) * (width/patch)
+    dim: int = 256
+    depth: int = 8
+    heads: int = 4
+    ffn: int = 1024
+    chunk: int = 3            # frames per autoregressive chunk
+    frames: int = 12          # training clip length; time positions 0..frames-1 are the trained range
+    vocab: int = len(VOCAB)
+    text_len: int = 24        # prompt tokens (data.tokenize pads/truncates to this)
+    text_layers: int = 2      # small self-attention stack over the prompt words
+    rope_theta: float = 10000.0
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.height // self.patch) * (self.width // self.patch)
+
+    @staticmethod
+    def preset(name: str) -> "DiTConfig":
+        if name == "tiny":    # unit tests: seconds on a CPU
+            return DiTConfig(patch=8, dim=64, depth=2, heads=4, ffn=128, chunk=2, frames=8, text_layers=1)
+        if name == "small":   # ToyWorld 32x32 on one GPU; streams in real time on a laptop CPU
+            return DiTConfig()
+        if name == "wan":     # Wan2.1-T2V-1.3B transformer shapes (480x832 video -> 60x104 latents)
+            return DiTConfig(height=60, width=104, channels=16, patch=2, dim=1536, depth=30, heads=12,
+                             ffn=8960, chunk=3, frames=21, text_len=512)
+        raise ValueError(f"unknown preset {name!r} (tiny, small, wan)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    B, Fr, C, H, W = x.shape
+    x = x.reshape(B, Fr, C, H // p, p, W // p, p)
+    return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, Fr, (H // p) * (W // p), C * p * p)  # (B, F, L, Cpp)
+
+
+def unpatchify(x: torch.Tensor, p: int, C: int, H: int, W: int) -> torch.Tensor:
+    B, Fr = x.shape[:2]
+    x = x.reshape(B, Fr, H // p, W // p, C, p, p)
+    return x.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Fr, C, H, W)
+
+
+def timestep_embedding(sigma: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """Sinusoidal features of sigma * 1000 (the 0..1000 timestep scale of the reference code)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+    args = sigma.float()[..., None] * 1000.0 * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_angles(cfg: DiTConfig, time_pos: torch.Tensor) -> torch.Tensor:
+    """Rotation angles (F*L, hd/2) for frames at time positions `time_pos` (F,), float, any values.
+
+    The head dim is split into time / row / column bands as in Wan: hd - 4(hd//6), 2(hd//6), 2(hd//6).
+    """
+    hd = cfg.dim // cfg.heads
+    bands = (hd - 4 * (hd // 6), 2 * (hd // 6), 2 * (hd // 6))
+    freqs = [cfg.rope_theta ** (-torch.arange(0, b, 2, dtype=torch.float64, device=time_pos.device) / b)
+             for b in bands]
+    Hp, Wp = cfg.height // cfg.patch, cfg.width // cfg.patch
+    rows = torch.arange(Hp, device=time_pos.device, dtype=torch.float64).repeat_interleave(Wp)  # (L,)
+    cols = torch.arange(Wp, device=time_pos.device, dtype=torch.float64).repeat(Hp)            # (L,)
+    Fr, L = time_pos.shape[0], Hp * Wp
+    t = time_pos.to(torch.float64)[:, None, None] * freqs[0]                                  # (F, 1, bt/2)
+    r = (rows[:, None] * freqs[1])[None]                                                      # (1, L, bh/2)
+    c = (cols[:, None] * freqs[2])[None]
+    ang = torch.cat([t.expand(Fr, L, -1), r.expand(Fr, -1, -1), c.expand(Fr, -1, -1)], dim=-1)
+    return ang.reshape(Fr * L, hd // 2).float()   # angles in fp64 first: positions can be large
+
+
+def apply_rope(x: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x (B, N, H, hd) by angles (N, hd/2)."""
+    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]           # (1, N, 1, hd/2)
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)                    # (B, N, H, hd/2) each
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+# ----------------------------------------------------------------------------------------------------------
+# modules, leaf to root
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)   # qk-norm (Wan): keeps logits tame in bf16
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, ang_q, ang_k, mask=None, past=None):
+        """x (B, N, D). past = (k, v) pre-RoPE from the cache, (B, Np, H, hd), or None.
+
+        ang_k covers the keys [past | x]. Returns the output and this call's own pre-RoPE (k, v).
+        """
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).unbind(2)  # (B, N, H, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        new_kv = (k, v)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+        q, k = apply_rope(q, ang_q), apply_rope(k, ang_k)
+        o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)    # (B, H, N, hd)
+        return self.out(o.transpose(1, 2).reshape(B, N, D)), new_kv
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx, ctx_mask):
+        """x (B, N, D) reads the prompt ctx (B, T, D); ctx_mask (B, T) marks real (non-pad) tokens."""
+        B, N, D = x.shape
+        H, hd = self.heads, D // self.heads
+        q = self.q(x).view(B, N, H, hd).transpose(1, 2)
+        k, v = self.kv(ctx).view(B, -1, 2, H, hd).unbind(2)
+        o = attend(q, k.transpose(1, 2), v.transpose(1, 2), ctx_mask[:, None, None, :])
+        return self.out(o.transpose(1, 2).reshape(B, N, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        D = cfg.dim
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(D, cfg.heads)
+        self.norm2 = nn.LayerNorm(D, eps=1e-6)
+        self.cross = CrossAttention(D, cfg.heads)
+        self.norm3 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(D, cfg.ffn), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn, D))
+        # per-block offset on the shared time projection (Wan's scheme); zero = adaLN-Zero gates at init
+        self.modulation = nn.Parameter(torch.zeros(6, D))
+
+    def forward(self, x, e, ctx, ctx_mask, ang_q, ang_k, mask=None, past=None):
+        """x (B, F, L, D) tokens; e (B, F, 6, D) per-frame modulation. Returns x and this block's (k, v)."""
+        B, Fr, L, D = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = (e + self.modulation).unsqueeze(2).unbind(3)  # (B,F,1,D)
+        h = modulate(self.norm1(x), shift1, scale1).reshape(B, Fr * L, D)
+        a, kv = self.attn(h, ang_q, ang_k, mask, past)
+        x = x + gate1 * a.view(B, Fr, L, D)
+        x = x + self.cross(self.norm2(x).reshape(B, Fr * L, D), ctx, ctx_mask).view(B, Fr, L, D)
+        x = x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
+        return x, kv
+
+
+class TextEncoder(nn.Module):
+    """Word embeddings + a few self-attention blocks; a learned start token makes the null prompt valid."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        D = cfg.dim
+        self.embed = nn.Embedding(cfg.vocab, D)
+        self.start = nn.Parameter(torch.randn(1, 1, D) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, cfg.text_len + 1, D) * 0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(D, cfg.heads, 2 * D, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(cfg.text_layers))
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, tokens: torch.Tensor):
+        """tokens (B, T) int64, 0 = pad. Returns ctx (B, T+1, D) and its validity mask (B, T+1)."""
+        B, T = tokens.shape
+        mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=tokens.device), tokens != 0], dim=1)
+        h = torch.cat([self.start.expand(B, -1, -1), self.embed(tokens)], dim=1) + self.pos[:, :T + 1]
+        for layer in self.layers:
+            h = layer(h, src_key_padding_mask=~mask)
+        return self.norm(h), mask
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        assert cfg.height % cfg.patch == 0 and cfg.width % cfg.patch == 0, "frame size must divide by patch"
+        assert cfg.dim % cfg.heads == 0 and (cfg.dim // cfg.heads) % 2 == 0
+        assert cfg.frames % cfg.chunk == 0, "training clip must be a whole number of chunks"
+        self.cfg = cfg
+        D = cfg.dim
+        self.patch_embed = nn.Linear(cfg.channels * cfg.patch ** 2, D)
+        self.time_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))   # shared by all blocks (Wan)
+        self.text = TextEncoder(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.head_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.head_modulation = nn.Parameter(torch.zeros(2, D))
+        self.head = nn.Linear(D, cfg.channels * cfg.patch ** 2)
+        self._masks = {}
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.text.embed.weight, std=0.02)
+        nn.init.zeros_(self.time_proj[-1].weight)   # adaLN-Zero: every residual branch starts closed
+        nn.init.zeros_(self.head.weight)            # and the model starts by predicting v = 0
+
+    # -- pieces shared by both forwards --------------------------------------------------------------------
+    def _embed(self, x, sigma):
+        """Video (B, F, C, H, W) and sigma (B, F) -> tokens (B, F, L, D), time emb (B, F, D), mod (B, F, 6, D)."""
+        assert x.dim() == 5 and x.shape[2:] == (self.cfg.channels, self.cfg.height, self.cfg.width), x.shape
+        assert sigma.shape == x.shape[:2], f"sigma {tuple(sigma.shape)} must be (B, F) = {tuple(x.shape[:2])}"
+        h = self.patch_embed(patchify(x, self.cfg.patch))
+        t = self.time_embed(timestep_embedding(sigma).to(h.dtype))
+        return h, t, self.time_proj(t).unflatten(-1, (6, -1))
+
+    def _head(self, h, t):
+        shift, scale = (self.head_modulation + t.unsqueeze(2)).unsqueeze(2).unbind(3)   # (B, F, 1, D)
+        out = self.head(modulate(self.head_norm(h), shift, scale))
+        c = self.cfg
+        return unpatchify(out, c.patch, c.channels, c.height, c.width)
+
+    def _mask(self, layout, frames, window, device):
+        """Dense token mask on CPU, FlexAttention BlockMask on CUDA; cached per shape."""
+        if layout == "bidirectional":
+            return None
+        key = (layout, frames, window, str(device))
+        if key not in self._masks:
+            table = frame_mask(layout, frames, self.cfg.chunk, window)
+            L = self.cfg.tokens_per_frame
+            self._masks[key] = (block_mask(table, L, device) if device.type == "cuda"
+                                else token_mask(table, L).to(device))
+        return self._masks[key]
+
+    # -- training layouts ----------------------------------------------------------------------------------
+    def forward(self, x, sigma, tokens, layout="block_causal", clean=None, clean_sigma=None, pos=None,
+                window=None):
+        """Predict the flow v = eps - x0 for every frame of x (B, F, C, H, W) at noise sigma (B, F).
+
+        layout: "bidirectional" | "block_causal" | "teacher_forcing". For teacher_forcing, `clean` is the
+        history (B, F, C, H, W) at noise `clean_sigma` (default 0), placed before x with the *same*
+        positions; only the noisy half is returned. pos: time positions (F,), default 0..F-1.
+        """
+        B, Fr = x.shape[:2]
+        pos = torch.arange(Fr, device=x.device) if pos is None else pos
+        ctx, ctx_mask = self.text(tokens)
+        if layout == "teacher_forcing":
+            assert clean is not None and clean.shape == x.shape, "teacher forcing needs a clean history like x"
+            clean_sigma = torch.zeros_like(sigma) if clean_sigma is None else clean_sigma
+            x, sigma, pos = torch.cat([clean, x], 1), torch.cat([clean_sigma, sigma], 1), torch.cat([pos, pos])
+        else:
+            assert clean is None, f"`clean` is only used by teacher_forcing, not {layout}"
+        h, t, e = self._embed(x, sigma)
+        ang = rope_angles(self.cfg, pos)
+        mask = self._mask(layout, Fr, window, x.device)
+        for block in self.blocks:
+            h, _ = block(h, e, ctx, ctx_mask, ang, ang, mask)
+        out = self._head(h, t)
+        return out[:, Fr:] if layout == "teacher_forcing" else out
+
+    # -- streaming -----------------------------------------------------------------------------------------
+    def forward_cached(self, x, sigma, tokens, cache, write=False):
+        """One call of the streaming model: x (B, n, C, H, W) frames of the current chunk (or window) attend,
+        unmasked, to the cached frames plus themselves. Positions come from the cache's policy.
+
+        write=True appends this call's keys/values to the cache: use it only for the clean re-cache pass
+        (x = the finished x0 at sigma = 0), never with the noisy keys of a denoising step.
+        """
+        n = x.shape[1]
+        ctx, ctx_mask = self.text(tokens)
+        h, t, e = self._embed(x, sigma)
+        cache_pos, query_pos = cache.positions(n)
+        ang_q = rope_angles(self.cfg, query_pos.to(x.device))
+        ang_k = rope_angles(self.cfg, torch.cat([cache_pos, query_pos]).to(x.device))
+        new_kv = []
+        for i, block in enumerate(self.blocks):
+            h, kv = block(h, e, ctx, ctx_mask, ang_q, ang_k, None, cache.kv(i))
+            new_kv.append(kv)
+        if write:
+            cache.append(new_kv, n)
+        return self._head(h, t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints: plain dicts (model, ema, optimizer, config, method, step), loadable with weights_only=True
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable, or not one of ours; the message is one line for the user."""
+
+
+def save_checkpoint(path: str, model, ema, optimizer, method: str, step: int, extra: dict | None = None):
+    """Write atomically: a crash mid-write leaves the previous checkpoint, never a truncated one."""
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+             "config": asdict(model.cfg), "method": method, "step": step, **(extra or {})}
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(directory: str) -> str | None:
+    paths = sorted(glob.glob(os.path.join(directory, "ckpt_*.pt")))
+    return paths[-1] if paths else None
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint file (or the latest ckpt_*.pt of a run directory), with one-line errors."""
+    if os.path.isdir(path):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"no checkpoint (ckpt_*.pt) in directory {path}")
+        path = found
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # torch raises many kinds (pickle, zip, EOF) for a damaged file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    missing = [k for k in ("model", "ema", "config", "method", "step") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a nanoforcing checkpoint (missing {', '.join(missing)})")
+    ckpt["path"] = path
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, ema: bool = True) -> DiT:
+    model = DiT(DiTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["ema" if ema else "model"])
+    return model
+
+
+if __name__ == "__main__":
+    for name in ("tiny", "small", "wan"):
+        cfg = DiTConfig.preset(name)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in DiT(cfg).parameters())
+        print(f"{name:6s} params {n / 1e6:8.2f} M  tokens/frame {cfg.tokens_per_frame:5d}  chunk {cfg.chunk}  "
+              f"trained positions 0..{cfg.frames - 1}")

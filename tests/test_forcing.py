@@ -1,0 +1,54 @@
+"""Flow matching, the samplers, and the training losses of teacher / diffusion / bidirectional."""
+
+import pytest
+import torch
+
+from forcing import (LOSSES, add_noise, euler_sigmas, few_step_sigmas, sample_euler, sample_few_step,
+                     shift_sigma, to_x0)
+from model import DiT, DiTConfig
+
+
+def test_shift_and_warped_few_step_list():
+    assert few_step_sigmas((1.0, 0.75, 0.5, 0.25), 5.0) == pytest.approx([1.0, 0.9375, 0.8333333, 0.625])
+    s = torch.linspace(0, 1, 11)
+    assert torch.allclose(shift_sigma(s, 1.0), s)
+    assert (shift_sigma(s, 3.0) >= s).all()   # the shift spends more time at high noise
+
+
+def test_noise_and_x0_conversion_round_trip():
+    x0, eps = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 4, 3, 8, 8)
+    sigma = torch.rand(2, 4)
+    xt = add_noise(x0, sigma, eps)
+    assert torch.allclose(to_x0(xt, sigma, eps - x0), x0, atol=1e-6)
+
+
+def test_samplers_reach_the_target_with_an_exact_model():
+    target = torch.randn(1, 2, 3, 4, 4)
+    exact_v = lambda x, s: (x - target) / s        # the true flow towards a single point
+    noise = torch.randn_like(target)
+    assert torch.allclose(sample_euler(exact_v, noise, euler_sigmas(7, 3.0)), target, atol=1e-5)
+    assert torch.allclose(sample_few_step(exact_v, noise, few_step_sigmas((1.0, 0.5), 5.0)), target, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(LOSSES))
+def test_loss_falls_when_overfitting_one_batch(method):
+    torch.manual_seed(0)
+    cfg = DiTConfig.preset("tiny")
+    model = DiT(cfg)
+    colours = torch.rand(2, cfg.frames, 3, 1, 1) * 2 - 1   # flat frames: learnable in a few dozen steps
+    x0 = colours.expand(-1, -1, -1, cfg.height, cfg.width).contiguous()
+    tokens = torch.randint(2, cfg.vocab, (2, cfg.text_len))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+
+    def loss_at(step):   # the same noise and noise levels every time, so the objective is fixed
+        return LOSSES[method](model, x0, tokens, 3.0, torch.Generator().manual_seed(step % 4))
+
+    with torch.no_grad():
+        before = sum(loss_at(i).item() for i in range(4))
+    for step in range(60):
+        opt.zero_grad()
+        loss_at(step).backward()
+        opt.step()
+    with torch.no_grad():
+        after = sum(loss_at(i).item() for i in range(4))
+    assert after < 0.7 * before, f"{method}: {before:.4f} -> {after:.4f}"

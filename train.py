@@ -1,0 +1,240 @@
+"""
+Train one forcing method of the block-causal DiT on ToyWorld (or on a folder of your own videos).
+
+    python train.py --method teacher --tiny                      # about a minute on a laptop CPU
+    python train.py --method teacher --small --out runs/teacher  # one GPU
+    torchrun --nproc_per_node 4 train.py --method teacher --small
+
+Each run directory gets ckpt_<step>.pt checkpoints (plain dicts, written atomically), and at the end
+samples.png: a strip of frames streamed from the EMA model. --resume continues from the latest checkpoint.
+On CUDA the model runs under bf16 autocast with FlexAttention block masks; on CPU in fp32 with SDPA.
+"""
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data import DataError, ToyWorld, VideoFolder, WorldConfig, sample_clips, to_uint8, tokenize
+from forcing import LOSSES, METHODS, PLANNED, SamplerConfig, rollout
+from memory import MemoryConfig
+from model import (CheckpointError, DiT, DiTConfig, latest_checkpoint, load_checkpoint, model_from_checkpoint,
+                   save_checkpoint)
+
+# ---- defaults: one block, every value is a flag below ------------------------------------------------------
+PRESETS = {   # model preset -> training hyper-parameters
+    "tiny":  dict(batch=8,  lr=1e-3, steps=300,   warmup=20,   ema=0.99,  log_every=20,  save_every=100),
+    "small": dict(batch=32, lr=3e-4, steps=20000, warmup=1000, ema=0.999, log_every=100, save_every=2000),
+    "wan":   dict(batch=1,  lr=2e-6, steps=1000,  warmup=0,    ema=0.99,  log_every=1,   save_every=100),
+}
+SHIFT = 3.0          # timestep shift of the training noise levels (and of sampling; stored in the checkpoint)
+WEIGHT_DECAY = 0.0
+GRAD_CLIP = 1.0
+KEEP_CHECKPOINTS = 2
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--method", default="teacher", help=f"training recipe: {', '.join(METHODS)}")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--tiny", dest="preset", action="store_const", const="tiny", help="tiny model (CPU, tests)")
+    size.add_argument("--small", dest="preset", action="store_const", const="small", help="small model (default)")
+    size.add_argument("--wan", dest="preset", action="store_const", const="wan",
+                      help="Wan2.1-1.3B transformer shapes (for measuring; no pretrained weights)")
+    p.add_argument("--data", default=None, help="folder of your own videos (mp4/gif) instead of ToyWorld")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per preset)")
+    p.add_argument("--batch", type=int, default=None, help="clips per step over all GPUs (default: per preset)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per preset)")
+    p.add_argument("--out", default=None, help="run directory for checkpoints (default: runs/<method>-<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--init", default=None, help="start from this checkpoint's EMA weights")
+    p.add_argument("--log-every", type=int, default=None, help="steps between progress lines (default: per preset)")
+    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: per preset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="data loader processes (default: 0 on CPU, 6 on GPU)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.set_defaults(preset="small")
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.out = args.out or os.path.join("runs", f"{args.method}-{args.preset}")
+    return args
+
+
+def check(args):
+    """Refuse bad input with one line, before anything is built or written."""
+    if args.method not in METHODS:
+        built = ", ".join(METHODS)
+        if args.method in PLANNED:
+            raise SystemExit(f"train.py: error: --method {args.method} is not built yet (available: {built})")
+        raise SystemExit(f"train.py: error: unknown --method {args.method!r} (available: {built})")
+    if min(args.steps, args.batch, args.log_every, args.save_every) < 1 or args.lr <= 0:
+        raise SystemExit("train.py: error: --steps, --batch, --lr, --log-every and --save-every must be positive")
+    if args.resume and latest_checkpoint(args.out) is None:
+        raise SystemExit(f"train.py: error: --resume found no checkpoint (ckpt_*.pt) in {args.out}")
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+class Clips(torch.utils.data.IterableDataset):
+    """An endless stream of (video, prompt tokens) training batches, from ToyWorld or a video folder."""
+
+    def __init__(self, cfg: DiTConfig, batch: int, seed: int, folder: VideoFolder | None, start: int):
+        self.cfg, self.batch, self.seed, self.folder, self.start = cfg, batch, seed, folder, start
+
+    def __iter__(self):
+        # batch i is drawn from its own seed [seed, i], and worker w of n makes batches w, w+n, ... which the
+        # loader returns in order: the stream is the same for any number of workers and after --resume
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info else (0, 1)
+        world = WorldConfig(size=self.cfg.height)
+        for i in range(self.start + w, 2**62, n):
+            rng = np.random.default_rng([self.seed, i])
+            if self.folder is not None:
+                x, captions = self.folder.sample(rng, self.batch)
+            else:
+                x, captions = sample_clips(rng, self.batch, self.cfg.frames, world)
+            yield torch.from_numpy(x), torch.from_numpy(tokenize(captions, self.cfg.text_len))
+
+
+def batches(cfg, batch, seed, folder, workers, start):
+    # its own generator: the loader must not draw from the global RNG that the losses' noise comes from
+    loader = torch.utils.data.DataLoader(Clips(cfg, batch, seed, folder, start), batch_size=None, num_workers=workers,
+                                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                                         generator=torch.Generator())
+    return iter(loader)
+
+
+# ---- the sample strip --------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_strip(model, path, seconds=2.0, prompts=2, seed=0):
+    """Stream a few seconds per prompt and save one row of frames per prompt as a PNG."""
+    import imageio.v3 as iio
+
+    cfg, device = model.cfg, next(model.parameters()).device
+    world = WorldConfig(size=cfg.height)
+    captions = [ToyWorld(seed + i, world).caption(0) for i in range(prompts)]
+    tokens = torch.from_numpy(tokenize(captions, cfg.text_len)).to(device)
+    n = int(seconds * world.fps)
+    memory = MemoryConfig(policy="sink", window=cfg.frames - cfg.chunk - cfg.chunk, sink=cfg.chunk)
+    g = torch.Generator(device).manual_seed(seed)
+    video = torch.cat(list(rollout(model, tokens, n, memory, SamplerConfig(shift=SHIFT), g)), 1)[:, :n]
+    frames = to_uint8(video[:, ::max(1, n // 16)].float().cpu().numpy())         # (P, 16, H, W, 3)
+    rows = [np.concatenate(list(f), axis=1) for f in frames]
+    iio.imwrite(path, np.concatenate(rows, axis=0).repeat(2, 0).repeat(2, 1))
+
+
+def gather_rng_states() -> list:
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, torch.get_rng_state())
+    return states
+
+
+# ---- training ----------------------------------------------------------------------------------------------
+def train(args):
+    """Train and return the (unwrapped) model. Works alone or as one rank of torchrun."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    else:
+        rank, world_size = 0, 1
+    master = rank == 0
+    if args.batch % world_size:
+        raise SystemExit(f"train.py: error: --batch {args.batch} must divide by the {world_size} processes")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    folder = VideoFolder(args.data, size=DiTConfig.preset(args.preset).height,
+                         frames=DiTConfig.preset(args.preset).frames) if args.data else None
+    torch.manual_seed(args.seed)   # identical initial weights on every rank
+    cfg = DiTConfig.preset(args.preset)
+    model = DiT(cfg).to(device)
+    if args.init:
+        model.load_state_dict(load_checkpoint(args.init)["ema"])
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=WEIGHT_DECAY)
+    step = 0
+    if args.resume:
+        ckpt = load_checkpoint(latest_checkpoint(args.out))
+        if ckpt["method"] != args.method or ckpt["config"] != vars(cfg):
+            raise SystemExit(f"train.py: error: {ckpt['path']} was trained with another method or model size")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        step = ckpt["step"]
+        if master:
+            print(f"resumed from {ckpt['path']} at step {step}")
+    net = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None) if ddp else model
+    net.cfg = cfg   # the losses read the chunk size from model.cfg, also through the DDP wrapper
+    workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
+    data = batches(cfg, args.batch // world_size, args.seed * 1000 + rank, folder, workers, step)
+    loss_fn = LOSSES[args.method]
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{args.method} | {args.preset} {n / 1e6:.2f}M params | {cfg.frames} frames x "
+              f"{cfg.tokens_per_frame} tokens | batch {args.batch} on {world_size} x {device.type} | out {args.out}")
+
+    t0, seen, losses = time.time(), 0, []
+    while step < args.steps:
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, tokens = (t.to(device, non_blocking=True) for t in next(data))
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(net, x, tokens, SHIFT)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - args.ema)
+        step += 1
+        seen += x.shape[0] * x.shape[1] * world_size
+        losses.append(loss.item())
+        if master and (step % args.log_every == 0 or step == args.steps):
+            dt = time.time() - t0
+            eta = dt / len(losses) * (args.steps - step)
+            print(f"step {step:6d}/{args.steps} | loss {np.mean(losses):.4f} | grad {gnorm:.3f} | lr {lr:.2e} | "
+                  f"{dt / len(losses):.3f} s/step | {seen / dt:.0f} frames/s | eta {eta / 60:.1f} min", flush=True)
+            t0, seen, losses = time.time(), 0, []
+        if step % args.save_every == 0 or step == args.steps:
+            rng = gather_rng_states() if ddp else [torch.get_rng_state()]   # noise of the losses, per rank
+            if master:
+                save_checkpoint(os.path.join(args.out, f"ckpt_{step:07d}.pt"), model, ema, opt, args.method, step,
+                                {"shift": SHIFT, "rng": rng})
+                for old in sorted(p for p in os.listdir(args.out) if p.startswith("ckpt_"))[:-KEEP_CHECKPOINTS]:
+                    os.remove(os.path.join(args.out, old))
+    if master and args.method != "bidirectional":   # a clip model does not stream
+        sample_strip(ema.eval(), os.path.join(args.out, "samples.png"))
+        print(f"wrote {os.path.join(args.out, 'samples.png')}")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return model
+
+
+def main(argv=None):
+    args = parse(argv)
+    check(args)
+    try:
+        train(args)
+    except (DataError, CheckpointError) as e:
+        raise SystemExit(f"train.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
