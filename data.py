@@ -508,3 +508,10 @@ if __name__ == "__main__":
         dt = time.perf_counter() - t0
         print(f"{size}x{size}: {n} frames ({n / world.cfg.fps:.0f} s of world time) in {dt:.3f} s, "
               f"{n / dt:,.0f} frames/s on one core")
+    if len(sys.argv) > 1:   # python data.py STRIP.png: one row of frames, 1.5 s apart, per seed
+        from PIL import Image
+
+        rows = [np.concatenate(list(ToyWorld(seed, WorldConfig(size=64)).render(0, 24 * 8)[::24]), axis=1)
+                for seed in range(3)]
+        Image.fromarray(np.concatenate(rows, axis=0)).resize((8 * 128, 3 * 128), Image.NEAREST).save(sys.argv[1])
+        print(f"wrote {sys.argv[1]}")

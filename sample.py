@@ -10,7 +10,6 @@ frames, wall time, frames/s, the latency of the first chunk and the cache size.
 """
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -25,17 +24,18 @@ from memory import POLICIES, KVCache, MemoryConfig
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
 
 # ---- defaults: one block, every value is a flag below ------------------------------------------------------
-DEFAULT_CKPT = os.path.join("checkpoints", "default.pt")
+DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "default.pt")
 SECONDS = 10.0
 FPS = 16            # ToyWorld's world time runs at 16 frames per second
 MEMORY = "sink"
-STEPS = 16          # Euler steps per chunk for many-step models
+SAMPLER = {"teacher": "euler", "diffusion": "euler"}   # per method; distilled methods will use "few"
+STEPS = {"euler": 16, "few": 4}   # denoising calls per chunk
 CFG = 3.0           # classifier-free guidance scale
 SCALE = 4           # nearest-neighbour upscaling of the written frames, so 32x32 frames are watchable
 
 
-def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_args(p):
+    """The sampling options, shared with eval.py."""
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint file, or a run directory (its latest)")
     p.add_argument("--seconds", type=float, default=None, help=f"length of the video (default {SECONDS:g})")
     p.add_argument("--minutes", type=float, default=None, help="length of the video in minutes")
@@ -44,78 +44,108 @@ def parse(argv=None):
     p.add_argument("--window", type=int, default=None, help="recent frames kept (default: fill the trained range)")
     p.add_argument("--sink", type=int, default=None, help="sink frames kept for good (default: one chunk)")
     p.add_argument("--prompt", default=None, help="caption (default: the caption of ToyWorld scene --seed)")
-    p.add_argument("--steps", type=int, default=STEPS, help="denoising steps per chunk (many-step models)")
+    p.add_argument("--sampler", default=None, choices=("euler", "few"),
+                   help="euler: many-step flow ODE with guidance; few: predict x0 and re-noise (distilled models). "
+                        "Default: the one the checkpoint's method was trained for")
+    p.add_argument("--steps", type=int, default=None, help=f"denoising calls per chunk (default {STEPS})")
     p.add_argument("--cfg", type=float, default=CFG, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=int, default=SCALE, help="upscale factor of the written frames")
-    p.add_argument("--out", default="sample.mp4", help="output video")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    return p.parse_args(argv)
 
 
 def fail(msg):
-    raise SystemExit(f"sample.py: error: {msg}")
+    raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'sample.py'}: error: {msg}")
 
 
-def setup(args):
-    """Validate every input and load the model; one clear line for anything wrong."""
-    if args.seconds is not None and args.minutes is not None:
-        fail("give --seconds or --minutes, not both")
-    seconds = args.minutes * 60 if args.minutes is not None else (args.seconds if args.seconds is not None else SECONDS)
-    if not seconds > 0:
-        fail(f"the video must be longer than 0 seconds (got {seconds:g})")
-    if args.fps < 1 or args.steps < 1 or args.scale < 1:
-        fail("--fps, --steps and --scale must be positive")
-    if args.ckpt == DEFAULT_CKPT and not os.path.exists(DEFAULT_CKPT):
-        fail(f"no default model at {DEFAULT_CKPT} yet: train one first with "
-             f"`python train.py --method teacher --small --out runs/teacher` and pass --ckpt runs/teacher")
-    try:
-        ckpt = load_checkpoint(args.ckpt)
-    except CheckpointError as e:
-        fail(e)
-    if ckpt["method"] == "bidirectional":
-        fail(f"{ckpt['path']} is a bidirectional clip model (the DMD score), it cannot stream")
-    model = model_from_checkpoint(ckpt).eval()
-    cfg = model.cfg
-    window = args.window if args.window is not None else cfg.frames - 2 * cfg.chunk
-    sink = args.sink if args.sink is not None else cfg.chunk
-    if args.memory == "window" and args.window is None:
-        window = cfg.frames - cfg.chunk
-    memory = MemoryConfig(policy=args.memory, window=window, sink=sink)
-    try:
-        memory.check(cfg.chunk, cfg.frames)
-    except ValueError as e:
-        fail(e)
-    return model, ckpt, memory, round(seconds * args.fps)
+class Stream:
+    """A validated, loaded model ready to stream: iterate `chunks()` for uint8 frames (n, H, W, 3)."""
+
+    def __init__(self, args):
+        if args.seconds is not None and args.minutes is not None:
+            fail("give --seconds or --minutes, not both")
+        seconds = args.minutes * 60 if args.minutes is not None else (args.seconds if args.seconds is not None
+                                                                      else SECONDS)
+        if not seconds > 0:
+            fail(f"the video must be longer than 0 seconds (got {seconds:g})")
+        if args.fps < 1 or (args.steps is not None and args.steps < 1):
+            fail("--fps and --steps must be positive")
+        if args.ckpt == DEFAULT_CKPT and not os.path.exists(DEFAULT_CKPT):
+            fail(f"no default model at {os.path.relpath(DEFAULT_CKPT)} yet: train one first with "
+                 f"`python train.py --method teacher --small --out runs/teacher` and pass --ckpt runs/teacher")
+        try:
+            self.ckpt = ckpt = load_checkpoint(args.ckpt)
+        except CheckpointError as e:
+            fail(e)
+        if ckpt["method"] == "bidirectional":
+            fail(f"{ckpt['path']} is a bidirectional clip model (the DMD score), it cannot stream")
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model_from_checkpoint(ckpt).eval().to(self.device)
+        cfg = self.model.cfg
+        default_window = cfg.frames - cfg.chunk - (cfg.chunk if args.memory == "sink" else 0)
+        self.memory = MemoryConfig(policy=args.memory, window=args.window or default_window,
+                                   sink=cfg.chunk if args.sink is None else args.sink)
+        try:
+            self.memory.check(cfg.chunk, cfg.frames)
+        except ValueError as e:
+            fail(e)
+        self.n_frames = round(seconds * args.fps)
+        scene = ToyWorld(args.seed, WorldConfig(size=cfg.height))
+        self.prompt = args.prompt if args.prompt is not None else scene.caption(0)
+        kind = args.sampler or SAMPLER[ckpt["method"]]
+        steps = args.steps or STEPS[kind]
+        self.sampler = SamplerConfig(kind=kind, steps=steps, cfg=args.cfg, shift=ckpt["shift"],
+                                     levels=tuple(1 - i / steps for i in range(steps)))
+        self.cache = KVCache(self.memory, cfg.depth)
+        self.seed = args.seed
+        self.times = []   # seconds spent on each chunk
+
+    def describe(self) -> str:
+        c = self.ckpt
+        return (f"{c['path']} ({c['method']}, step {c['step']}) | {self.n_frames} frames | memory {self.memory.policy} "
+                f"| {self.sampler.kind} x {self.sampler.steps} | prompt: {self.prompt}")
+
+    def chunks(self):
+        cfg = self.model.cfg
+        tokens = torch.from_numpy(tokenize([self.prompt], cfg.text_len)).to(self.device)
+        generator = torch.Generator(self.device).manual_seed(self.seed)
+        written, t0 = 0, time.time()
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+            for x0 in rollout(self.model, tokens, self.n_frames, self.memory, self.sampler, generator, self.cache):
+                frames = to_uint8(x0[0, :self.n_frames - written].float().cpu().numpy())
+                written += len(frames)
+                self.times.append(time.time() - t0 - sum(self.times))
+                yield frames
+
+    def report(self, fps: int) -> str:
+        """Per-chunk cost at the start against the end of the stream, and the totals."""
+        wall, n = sum(self.times), self.n_frames
+        k = max(1, round(10 * fps / self.model.cfg.chunk))   # chunks in 10 s of video
+        return (f"per chunk: first {k} {1e3 * np.mean(self.times[1:k + 1] or self.times):.1f} ms, last {k} "
+                f"{1e3 * np.mean(self.times[-k:]):.1f} ms (the first chunk itself is excluded: warm-up)\n"
+                f"frames {n} | wall {wall:.1f} s | {n / wall:.1f} frames/s | first chunk {self.times[0]:.2f} s | "
+                f"cache {self.cache.nbytes() / 2**20:.2f} MiB")
 
 
 def main(argv=None):
-    args = parse(argv)
-    model, ckpt, memory, n_frames = setup(args)
-    cfg = model.cfg
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
-    prompt = args.prompt if args.prompt is not None else ToyWorld(args.seed, WorldConfig(size=cfg.height)).caption(0)
-    tokens = torch.from_numpy(tokenize([prompt], cfg.text_len)).to(device)
-    sampler = SamplerConfig(kind="euler", steps=args.steps, cfg=args.cfg, shift=ckpt["shift"])
-    cache = KVCache(memory, cfg.depth)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    print(f"{ckpt['path']} ({ckpt['method']}, step {ckpt['step']}) | {n_frames} frames | memory {memory.policy} | "
-          f"prompt: {prompt}")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_args(p)
+    p.add_argument("--scale", type=int, default=SCALE, help="upscale factor of the written frames")
+    p.add_argument("--out", default="sample.mp4", help="output video")
+    args = p.parse_args(argv)
+    if args.scale < 1:
+        fail("--scale must be positive")
+    stream = Stream(args)
+    print(stream.describe())
 
     import imageio.v2 as imageio
     tmp = args.out + ".part.mp4"   # renamed only when every frame is written
-    writer = imageio.get_writer(tmp, fps=args.fps, codec="libx264", quality=8, macro_block_size=1)
-    written, first, t0 = 0, None, time.time()
+    writer = imageio.get_writer(tmp, fps=args.fps, codec="libx264", quality=8, macro_block_size=1,
+                                ffmpeg_params=["-preset", "ultrafast", "-threads", "1"])   # leave the CPU to the model
     try:
-        with tqdm(total=n_frames, unit="frame", dynamic_ncols=True) as bar, \
-                torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            for chunk in rollout(model, tokens, n_frames, memory, sampler, generator, cache):
-                first = first or time.time() - t0
-                frames = to_uint8(chunk[0, :n_frames - written].float().cpu().numpy())
+        with tqdm(total=stream.n_frames, unit="frame", dynamic_ncols=True) as bar:
+            for frames in stream.chunks():
                 for f in frames:
                     writer.append_data(f.repeat(args.scale, 0).repeat(args.scale, 1))
-                written += len(frames)
                 bar.update(len(frames))
         writer.close()
         os.replace(tmp, args.out)
@@ -123,9 +153,8 @@ def main(argv=None):
         writer.close()
         os.remove(tmp)
         raise
-    wall = time.time() - t0
-    print(f"wrote {args.out} | frames {written} | wall {wall:.1f} s | {written / wall:.1f} frames/s | "
-          f"first chunk {first:.2f} s | cache {cache.nbytes() / 2**20:.2f} MiB")
+    print(f"wrote {args.out}")
+    print(stream.report(args.fps))
 
 
 if __name__ == "__main__":

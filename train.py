@@ -12,9 +12,7 @@ On CUDA the model runs under bf16 autocast with FlexAttention block masks; on CP
 
 import argparse
 import copy
-import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -24,8 +22,7 @@ import torch.distributed as dist
 from data import DataError, ToyWorld, VideoFolder, WorldConfig, sample_clips, to_uint8, tokenize
 from forcing import LOSSES, METHODS, PLANNED, SamplerConfig, rollout
 from memory import MemoryConfig
-from model import (CheckpointError, DiT, DiTConfig, latest_checkpoint, load_checkpoint, model_from_checkpoint,
-                   save_checkpoint)
+from model import CheckpointError, DiT, DiTConfig, latest_checkpoint, load_checkpoint, save_checkpoint
 
 # ---- defaults: one block, every value is a flag below ------------------------------------------------------
 PRESETS = {   # model preset -> training hyper-parameters
@@ -93,11 +90,16 @@ class Clips(torch.utils.data.IterableDataset):
         # loader returns in order: the stream is the same for any number of workers and after --resume
         info = torch.utils.data.get_worker_info()
         w, n = (info.id, info.num_workers) if info else (0, 1)
-        world = WorldConfig(size=self.cfg.height)
+        c = self.cfg
+        latents = c.channels != 3   # the Wan shape: no VAE here, so random latents, for speed and memory only
+        world = None if latents else WorldConfig(size=c.height)
         for i in range(self.start + w, 2**62, n):
             rng = np.random.default_rng([self.seed, i])
             if self.folder is not None:
                 x, captions = self.folder.sample(rng, self.batch)
+            elif latents:
+                x = rng.standard_normal((self.batch, c.frames, c.channels, c.height, c.width), dtype=np.float32)
+                captions = [""] * self.batch
             else:
                 x, captions = sample_clips(rng, self.batch, self.cfg.frames, world)
             yield torch.from_numpy(x), torch.from_numpy(tokenize(captions, self.cfg.text_len))
@@ -155,10 +157,11 @@ def train(args):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-    folder = VideoFolder(args.data, size=DiTConfig.preset(args.preset).height,
-                         frames=DiTConfig.preset(args.preset).frames) if args.data else None
-    torch.manual_seed(args.seed)   # identical initial weights on every rank
     cfg = DiTConfig.preset(args.preset)
+    if args.data and cfg.channels != 3:
+        raise SystemExit(f"train.py: error: --data needs an RGB model; --{args.preset} expects {cfg.channels}-channel latents")
+    folder = VideoFolder(args.data, size=cfg.height, frames=cfg.frames) if args.data else None
+    torch.manual_seed(args.seed)   # identical initial weights on every rank
     model = DiT(cfg).to(device)
     if args.init:
         model.load_state_dict(load_checkpoint(args.init)["ema"])
@@ -218,7 +221,7 @@ def train(args):
                                 {"shift": SHIFT, "rng": rng})
                 for old in sorted(p for p in os.listdir(args.out) if p.startswith("ckpt_"))[:-KEEP_CHECKPOINTS]:
                     os.remove(os.path.join(args.out, old))
-    if master and args.method != "bidirectional":   # a clip model does not stream
+    if master and args.method != "bidirectional" and cfg.channels == 3:   # a clip model does not stream
         sample_strip(ema.eval(), os.path.join(args.out, "samples.png"))
         print(f"wrote {os.path.join(args.out, 'samples.png')}")
     if ddp:
