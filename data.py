@@ -97,7 +97,7 @@ class WorldConfig:
     deterministic: bool = False  # no camera, occluder or events; integer constant-velocity bounces
     min_objects: int = 1  # objects in the scene at any time (events keep the count in this range)
     max_objects: int = 4
-    world_width: float = 3.0  # the world is this many views wide; the camera pans across it
+    world_width: float = 2.0  # the world is this many views wide; the camera pans across it
     event_min_s: float = 10.0  # seconds between scheduled scene events, drawn uniformly in [min, max]
     event_max_s: float = 40.0
     occluder_prob: float = 0.7  # chance that a world has the occluding bar
@@ -511,7 +511,9 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:   # python data.py STRIP.png: one row of frames, 1.5 s apart, per seed
         from PIL import Image
 
-        rows = [np.concatenate(list(ToyWorld(seed, WorldConfig(size=64)).render(0, 24 * 8)[::24]), axis=1)
-                for seed in range(3)]
-        Image.fromarray(np.concatenate(rows, axis=0)).resize((8 * 128, 3 * 128), Image.NEAREST).save(sys.argv[1])
+        pad = ((0, 0), (1, 1), (1, 1), (0, 0))   # a white line between frames
+        rows = [np.concatenate(list(np.pad(ToyWorld(seed, WorldConfig(size=64)).render(0, 24 * 8)[::24], pad,
+                                           constant_values=255)), axis=1) for seed in (1, 3, 6)]
+        strip = np.concatenate(rows, axis=0)
+        Image.fromarray(strip).resize((2 * strip.shape[1], 2 * strip.shape[0]), Image.NEAREST).save(sys.argv[1])
         print(f"wrote {sys.argv[1]}")
