@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from memory import KVCache, MemoryConfig
 
-METHODS = ("teacher", "diffusion", "bidirectional")          # built so far
-PLANNED = ("resampling", "self", "rolling", "context")         # named by the design, not built yet
+METHODS = ("teacher", "diffusion", "bidirectional", "resampling")   # built so far
+PLANNED = ("self", "rolling", "context")                             # named by the design, not built yet
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -68,12 +68,13 @@ def drop_prompt(tokens: torch.Tensor, p: float = 0.1, generator=None) -> torch.T
 # ----------------------------------------------------------------------------------------------------------
 # losses: each takes the model and a clean batch and returns a scalar
 
-def teacher_loss(model, x0, tokens, shift: float, generator=None):
+def teacher_loss(model, x0, tokens, shift: float, generator=None, history=None, history_sigma=None):
+    """history: what the clean half shows (default the ground truth x0); the target is always x0."""
     B, Fr = x0.shape[:2]
     sigma = chunk_sigma(B, Fr, model.cfg.chunk, shift, x0.device, generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
     v = model(add_noise(x0, sigma, eps), sigma, drop_prompt(tokens, generator=generator),
-              layout="teacher_forcing", clean=x0)
+              layout="teacher_forcing", clean=x0 if history is None else history, clean_sigma=history_sigma)
     return F.mse_loss(v.float(), (eps - x0).float())
 
 
@@ -94,7 +95,73 @@ def bidirectional_loss(model, x0, tokens, shift: float, generator=None):
     return F.mse_loss(v.float(), (eps - x0).float())
 
 
-LOSSES = {"teacher": teacher_loss, "diffusion": diffusion_loss, "bidirectional": bidirectional_loss}
+# ----------------------------------------------------------------------------------------------------------
+# Resampling Forcing (Guo et al. 2025): train on a history the model degraded itself
+
+@dataclass
+class ResamplingConfig:
+    mode: str = "autoregressive"   # Table 2 rows: "autoregressive" (the method), "parallel", "noise"
+    shift: float = 0.6             # t_s ~ LogitNormal(0, 1) then shifted; s < 1 favours light degradation
+    steps: int = 4                 # Euler steps from t_s down to 0 when the model finishes a history chunk
+    warmup: int = 1000             # teacher-forcing steps before resampling starts (train.py switches)
+
+
+def simulation_timestep(batch: int, shift: float, device, generator=None) -> torch.Tensor:
+    """t_s (B,): sigmoid of a standard normal (logit-normal), then the timestep shift (paper eq. 7)."""
+    return shift_sigma(torch.sigmoid(torch.randn(batch, device=device, generator=generator)), shift)
+
+
+@torch.no_grad()
+def resample_history(model, x0, tokens, ts, cfg: ResamplingConfig, generator=None, eps=None):
+    """The degraded history x~ (B, F, C, H, W): each chunk of x0 noised to t_s (per sample) and finished by the
+    model itself, with no gradient (the paper detaches it so the model cannot learn an easy-to-read history).
+
+    autoregressive: chunk i is finished against the already degraded chunks < i, through the KV cache with
+                    the clean re-cache, exactly as at inference: errors inside a frame and across frames.
+    parallel:       every chunk is finished against the ground-truth history (teacher-forcing layout, all
+                    chunks at once): errors inside a frame only.
+    noise:          only noised, never finished (noise augmentation).
+    """
+    B, Fr = x0.shape[:2]
+    chunk = model.cfg.chunk
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator) if eps is None else eps
+    ts = ts[:, None].expand(B, Fr)
+    x = add_noise(x0, ts, eps)
+    if cfg.mode == "noise":
+        return x
+    grid = [ts * (1 - i / cfg.steps) for i in range(cfg.steps + 1)]   # t_s -> 0, (B, F) each
+    if cfg.mode == "parallel":
+        for s, s_next in zip(grid[:-1], grid[1:]):
+            x = x + expand(s_next - s) * model(x, s, tokens, layout="teacher_forcing", clean=x0)
+        return x
+    assert cfg.mode == "autoregressive", cfg.mode
+    cache = KVCache(MemoryConfig(policy="full"), model.cfg.depth)
+    out = []
+    for c in range(0, Fr - chunk, chunk):        # the last chunk is never anyone's history
+        xc = x[:, c:c + chunk]
+        for s, s_next in zip(grid[:-1], grid[1:]):
+            xc = xc + expand(s_next[:, c:c + chunk] - s[:, c:c + chunk]) * \
+                model.forward_cached(xc, s[:, c:c + chunk], tokens, cache)
+        model.forward_cached(xc, torch.zeros_like(s[:, c:c + chunk]), tokens, cache, write=True)
+        out.append(xc)
+    return torch.cat(out + [x0[:, Fr - chunk:]], dim=1)
+
+
+def resampling_loss(model, x0, tokens, shift: float, generator=None, cfg: ResamplingConfig = ResamplingConfig(),
+                    resampler=None):
+    """Teacher forcing with the self-resampled history in the clean half and the ground truth as target.
+
+    resampler: the plain model that makes the history (default `model`; pass the unwrapped one under DDP).
+    """
+    ts = simulation_timestep(x0.shape[0], cfg.shift, x0.device, generator)
+    history = resample_history(resampler or model, x0, tokens, ts, cfg, generator)
+    # noise augmentation tells the model how noisy its history is; resampled history looks clean, as at inference
+    history_sigma = ts[:, None].expand(x0.shape[:2]) if cfg.mode == "noise" else None
+    return teacher_loss(model, x0, tokens, shift, generator, history=history, history_sigma=history_sigma)
+
+
+LOSSES = {"teacher": teacher_loss, "diffusion": diffusion_loss, "bidirectional": bidirectional_loss,
+          "resampling": resampling_loss}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ On CUDA the model runs under bf16 autocast with FlexAttention block masks; on CP
 
 import argparse
 import copy
+import functools
 import os
 import time
 
@@ -20,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from data import DataError, ToyWorld, VideoFolder, WorldConfig, sample_clips, to_uint8, tokenize
-from forcing import LOSSES, METHODS, PLANNED, SamplerConfig, rollout
+from forcing import (LOSSES, METHODS, PLANNED, ResamplingConfig, SamplerConfig, resampling_loss, rollout,
+                     teacher_loss)
 from memory import MemoryConfig
 from model import CheckpointError, DiT, DiTConfig, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -48,9 +50,18 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per preset)")
     p.add_argument("--batch", type=int, default=None, help="clips per step over all GPUs (default: per preset)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per preset)")
+    p.add_argument("--warmup", type=int, default=None, help="linear learning-rate warm-up steps (default: per preset)")
+    p.add_argument("--ema", type=float, default=None, help="EMA decay of the sampled weights (default: per preset)")
     p.add_argument("--out", default=None, help="run directory for checkpoints (default: runs/<method>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--init", default=None, help="start from this checkpoint's EMA weights")
+    rs = p.add_argument_group("resampling")
+    rs.add_argument("--resample-mode", default="autoregressive", choices=("autoregressive", "parallel", "noise"),
+                    help="how the history is degraded (the rows of the paper's Table 2)")
+    rs.add_argument("--resample-shift", type=float, default=0.6, help="shift s of the simulation timestep t_s")
+    rs.add_argument("--resample-steps", type=int, default=4, help="Euler steps that finish a resampled chunk")
+    rs.add_argument("--resample-warmup", type=int, default=None,
+                    help="teacher-forcing steps before resampling starts (default: 10%% of --steps)")
     p.add_argument("--log-every", type=int, default=None, help="steps between progress lines (default: per preset)")
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: per preset)")
     p.add_argument("--seed", type=int, default=0)
@@ -72,8 +83,12 @@ def check(args):
         if args.method in PLANNED:
             raise SystemExit(f"train.py: error: --method {args.method} is not built yet (available: {built})")
         raise SystemExit(f"train.py: error: unknown --method {args.method!r} (available: {built})")
-    if min(args.steps, args.batch, args.log_every, args.save_every) < 1 or args.lr <= 0:
+    if min(args.steps, args.batch, args.log_every, args.save_every) < 1 or args.lr <= 0 or args.warmup < 0:
         raise SystemExit("train.py: error: --steps, --batch, --lr, --log-every and --save-every must be positive")
+    if args.resample_steps < 1 or args.resample_shift <= 0:
+        raise SystemExit("train.py: error: --resample-steps and --resample-shift must be positive")
+    if not 0 <= args.ema < 1:
+        raise SystemExit(f"train.py: error: --ema must be in [0, 1) (got {args.ema})")
     if args.resume and latest_checkpoint(args.out) is None:
         raise SystemExit(f"train.py: error: --resume found no checkpoint (ckpt_*.pt) in {args.out}")
 
@@ -184,6 +199,10 @@ def train(args):
     workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
     data = batches(cfg, args.batch // world_size, args.seed * 1000 + rank, folder, workers, step)
     loss_fn = LOSSES[args.method]
+    if args.method == "resampling":
+        warmup = args.resample_warmup if args.resample_warmup is not None else args.steps // 10
+        rs = ResamplingConfig(args.resample_mode, args.resample_shift, args.resample_steps, warmup)
+        loss_fn = functools.partial(resampling_loss, cfg=rs, resampler=model)
     if master:
         os.makedirs(args.out, exist_ok=True)
         n = sum(p.numel() for p in model.parameters())
@@ -197,7 +216,8 @@ def train(args):
             group["lr"] = lr
         x, tokens = (t.to(device, non_blocking=True) for t in next(data))
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            loss = loss_fn(net, x, tokens, SHIFT)
+            warming_up = args.method == "resampling" and step < rs.warmup   # teacher forcing first
+            loss = (teacher_loss if warming_up else loss_fn)(net, x, tokens, SHIFT)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

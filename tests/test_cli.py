@@ -64,7 +64,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_bad_input_gives_one_clear_line(trained, tmp_path):
     one_line_error(run("train.py", "--method", "nonsense", "--tiny"), "unknown --method")
-    one_line_error(run("train.py", "--method", "resampling", "--tiny"), "not built yet")
+    one_line_error(run("train.py", "--method", "self", "--tiny"), "not built yet")
     one_line_error(run("sample.py", "--ckpt", str(tmp_path / "missing.pt")), "not found")
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"this is not a checkpoint" * 100)
@@ -104,3 +104,14 @@ def test_ddp_two_processes_keep_identical_weights(tmp_path):
     start = torch.load(tmp_path / "run" / "ckpt_0000003.pt", weights_only=True)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert start["step"] == 3
+
+
+def test_resampling_trains_end_to_end_then_streams(tmp_path):
+    out = str(tmp_path / "rs")
+    r = run("train.py", "--method", "resampling", "--tiny", "--steps", "4", "--resample-warmup", "1", "--out", out)
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(os.path.join(out, "ckpt_0000004.pt"), weights_only=True)
+    assert ckpt["method"] == "resampling"
+    r = run("sample.py", "--ckpt", out, "--seconds", "1", "--out", str(tmp_path / "rs.mp4"))
+    assert r.returncode == 0, r.stderr
+    assert sum(1 for _ in imageio.get_reader(str(tmp_path / "rs.mp4"))) == 16

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from forcing import (LOSSES, add_noise, euler_sigmas, few_step_sigmas, sample_euler, sample_few_step,
-                     shift_sigma, to_x0)
+from forcing import (LOSSES, ResamplingConfig, add_noise, euler_sigmas, few_step_sigmas, resample_history,
+                     sample_euler, sample_few_step, shift_sigma, to_x0)
 from model import DiT, DiTConfig
 
 
@@ -52,3 +52,47 @@ def test_loss_falls_when_overfitting_one_batch(method):
     with torch.no_grad():
         after = sum(loss_at(i).item() for i in range(4))
     assert after < 0.7 * before, f"{method}: {before:.4f} -> {after:.4f}"
+
+
+def randomised_tiny(seed=0):
+    torch.manual_seed(seed)
+    cfg = DiTConfig.preset("tiny")
+    model = DiT(cfg)
+    with torch.no_grad():   # a fresh model predicts v = 0 (zero head); give it something to say
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x0 = torch.rand(2, cfg.frames, 3, cfg.height, cfg.width) * 2 - 1
+    tokens = torch.randint(2, cfg.vocab, (2, cfg.text_len))
+    return model, cfg, x0, tokens
+
+
+@pytest.mark.parametrize("mode", ["autoregressive", "parallel", "noise"])
+def test_resampled_history_degrades_with_ts_and_carries_no_gradient(mode):
+    model, cfg, x0, tokens = randomised_tiny()
+    rs = ResamplingConfig(mode=mode, steps=3)
+    errors = []
+    for ts in (0.0, 0.2, 0.5, 0.9):
+        hist = resample_history(model, x0, tokens, torch.full((2,), ts), rs, torch.Generator().manual_seed(0))
+        assert not hist.requires_grad and hist.grad_fn is None
+        history = hist[:, :-cfg.chunk]   # the last chunk is nobody's history and stays ground truth
+        assert torch.equal(hist[:, -cfg.chunk:], x0[:, -cfg.chunk:]) or mode != "autoregressive"
+        errors.append((history - x0[:, :-cfg.chunk]).abs().mean().item())
+    assert errors[0] < 1e-6, "t_s = 0 must give back the ground truth"
+    assert errors[0] < errors[1] < errors[2] < errors[3], errors
+
+
+def test_autoregressive_resampling_conditions_on_degraded_history():
+    # other noise on chunk 0 changes chunk 1 of the autoregressive history (it is finished against the degraded
+    # chunk 0); in parallel mode chunk 1 is finished against the ground truth and cannot move
+    model, cfg, x0, tokens = randomised_tiny()
+    ts, c = torch.full((2,), 0.7), cfg.chunk
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    eps2 = eps.clone()
+    eps2[:, :c] = torch.randn(eps2[:, :c].shape, generator=torch.Generator().manual_seed(2))
+    for mode, depends in (("autoregressive", True), ("parallel", False)):
+        rs = ResamplingConfig(mode=mode, steps=2)
+        a = resample_history(model, x0, tokens, ts, rs, eps=eps)
+        b = resample_history(model, x0, tokens, ts, rs, eps=eps2)
+        assert (a[:, :c] - b[:, :c]).abs().max() > 1e-3                  # chunk 0 itself always moves
+        moved = (a[:, c:2 * c] - b[:, c:2 * c]).abs().max().item()
+        assert (moved > 1e-4) == depends, (mode, moved)
