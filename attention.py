@@ -88,3 +88,114 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torc
         # compiled on GPU (the eager path materialises the scores); eager elsewhere (CPU forward tests)
         _flex = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
     return _flex(q, k, v, block_mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# top-k history routing (Resampling Forcing §4.2.3, after Mixture of Contexts and MoBA)
+#
+# A query token does not attend to all of its history: it attends to its own chunk, to any sink frames, and
+# to the k history frames it scores highest by q . mean(K of the frame). Routing has no parameters and no
+# gradient; it only decides which keys the softmax sees. A frame table says, per (query frame, key frame),
+# what routing may do: NEVER (masked by the layout), ALWAYS (own chunk, sinks) or CANDIDATE (history, routed).
+# (table > 0) is the layout's mask, so top-k covering every candidate is exactly the dense layout.
+# kernels/routed_attention.py computes the same attention without touching the frames a query skipped.
+
+NEVER, ALWAYS, CANDIDATE = 0, 1, 2
+
+
+def routing_table(layout: str, frames: int, chunk: int, sink: int = 0) -> torch.Tensor:
+    """int8 (Fq, Fk) frame table of a training layout; (table > 0) == frame_mask(layout, frames, chunk).
+
+    block_causal: own chunk ALWAYS, earlier chunks CANDIDATE. teacher_forcing (the 2F sequence
+    [clean | noisy]): a clean frame as block_causal over the clean half; a noisy frame of chunk c has the
+    clean chunks before c as CANDIDATE and its own noisy chunk ALWAYS. History frames with index < sink
+    (of the clean half) are ALWAYS instead of CANDIDATE: the attention sink is never routed away.
+    """
+    assert layout in ("block_causal", "teacher_forcing"), f"routing needs a causal layout, not {layout!r}"
+    assert frames % chunk == 0, f"frames ({frames}) must be a whole number of chunks ({chunk})"
+    f = torch.arange(frames)
+    c = f // chunk
+    same = c[:, None] == c[None, :]
+    before = c[None, :] < c[:, None]
+    history = torch.where(before, torch.where(f[None, :] < sink, ALWAYS, CANDIDATE), NEVER)
+    causal = torch.where(same, ALWAYS, history)
+    if layout == "block_causal":
+        return causal.to(torch.int8)
+    top = torch.cat([causal, torch.zeros_like(causal)], dim=1)               # clean never sees noisy
+    bottom = torch.cat([history, torch.where(same, ALWAYS, NEVER)], dim=1)   # noisy: clean history, own chunk
+    return torch.cat([top, bottom], dim=0).to(torch.int8)
+
+
+def cache_table(cached: int, sink: int, query: int) -> torch.Tensor:
+    """int8 (query, cached + query) frame table of a streaming call, keys = [cached frames | query chunk].
+
+    The first `sink` cached frames are ALWAYS, the other cached frames CANDIDATE, the query chunk ALWAYS.
+    """
+    assert 0 <= sink <= cached and query > 0, (cached, sink, query)
+    row = torch.full((cached + query,), CANDIDATE, dtype=torch.int8)
+    row[:sink] = ALWAYS
+    row[cached:] = ALWAYS
+    return row.expand(query, -1).clone()
+
+
+@torch.no_grad()
+def route(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor, L: int, topk: int) -> torch.Tensor:
+    """Pick, for every query token and head, its top-k candidate history frames.
+
+    q (B, H, Nq, hd), k (B, H, Nk, hd): exactly the tensors given to the attention, so *after* RoPE. By
+    linearity q . mean(K_f) = mean_j (q . k_j): the score is the mean pre-softmax logit the query would give
+    frame f, relative position included, i.e. what attention itself would see. (Pre-RoPE keys would score
+    content alone and could be cached per frame; we prefer the score that matches the attention and
+    recompute the means, an O(Nk hd) pass, on every call.)
+
+    score[b, h, t, j] = q[b, h, t] . mean over the L tokens of key frame j of k[b, h], in fp32, for the
+    CANDIDATE frames of t's frame only. Returns sel int32 (B, H, Nq, topk): the chosen frame indices, best
+    first; -1 pads a query with fewer than topk candidates. Equal scores prefer the more recent (higher
+    index) frame. Deterministic (a stable sort), and without gradient: selection is a discrete choice.
+    If the caller enables TF32 matmuls, the scores are TF32 too; kernel and reference share `sel`, so this
+    changes which frames are picked, never whether the two agree.
+    """
+    B, H, Nq, hd = q.shape
+    Fq, Fk = table.shape
+    assert Nq == Fq * L and k.shape[2] == Fk * L, f"q/k tokens ({Nq}, {k.shape[2]}) != table {Fq}x{Fk} * L={L}"
+    kbar = k.float().unflatten(2, (Fk, L)).mean(3)                        # (B, H, Fk, hd) mean key per frame
+    score = q.float() @ kbar.transpose(-1, -2)                            # (B, H, Nq, Fk)
+    cand = (table.to(q.device) == CANDIDATE).repeat_interleave(L, dim=0)  # (Nq, Fk)
+    score = score.masked_fill(~cand, float("-inf"))
+    # a stable sort keeps equal scores in input order; sorting the reversed frame axis puts the recent first
+    best, idx = score.flip(-1).sort(dim=-1, descending=True, stable=True)
+    best, idx = best[..., :topk], Fk - 1 - idx[..., :topk]
+    sel = torch.where(best > float("-inf"), idx, -1).to(torch.int32)      # non-candidates are never chosen
+    return F.pad(sel, (0, topk - sel.shape[-1]), value=-1)                # topk > Fk: pad the rest
+
+
+def routed_mask(table: torch.Tensor, sel: torch.Tensor, L: int) -> torch.Tensor:
+    """Bool (B, H, Nq, Nk) token mask: the ALWAYS frames of each query's row plus the frames in `sel`."""
+    B, H, Nq, _ = sel.shape
+    Fk = table.shape[1]
+    picked = torch.zeros(B, H, Nq, Fk + 1, dtype=torch.bool, device=sel.device)
+    picked.scatter_(-1, torch.where(sel < 0, Fk, sel).long(), True)       # -1 lands in a spare column
+    frames = picked[..., :Fk] | (table.to(sel.device) == ALWAYS).repeat_interleave(L, dim=0)  # (B, H, Nq, Fk)
+    return frames.repeat_interleave(L, dim=-1)                            # (B, H, Nq, Nk)
+
+
+def routed_attend(q, k, v, table: torch.Tensor, L: int, topk: int, kernel=None) -> torch.Tensor:
+    """Attention with top-k history routing. q (B, H, Nq, hd), k/v (B, H, Nk, hd), table (Fq, Fk) int8.
+
+    topk <= 0 routes nothing: every candidate frame is attended (the dense layout (table > 0)).
+    kernel: None = the Triton kernel on CUDA, the reference (SDPA with routed_mask) elsewhere; True forces
+    the kernel (on CPU only under TRITON_INTERPRET=1); False forces the reference.
+    """
+    kernel = q.is_cuda if kernel is None else kernel
+    if topk <= 0:
+        if not kernel:
+            return attend(q, k, v, token_mask(table > 0, L).to(q.device))
+        table = (table > 0).to(torch.int8)                                # every visible frame ALWAYS
+        sel = torch.empty(*q.shape[:3], 0, dtype=torch.int32, device=q.device)
+    else:
+        sel = route(q, k, table, L, topk)
+        if not kernel:
+            return attend(q, k, v, routed_mask(table, sel, L))
+    from kernels.routed_attention import routed_attention                # triton is imported only when used
+
+    return routed_attention(q, k, v, table, sel, L)

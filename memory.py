@@ -71,6 +71,10 @@ class KVCache:
             query = torch.arange(len(self.frames), len(self.frames) + n)
         return cached, query
 
+    def sink_count(self) -> int:
+        """How many of the cached frames are sink frames (always attended, never routed away)."""
+        return sum(f < self.cfg.sink for f in self.frames) if self.cfg.policy == "sink" else 0
+
     def kv(self, layer: int):
         """(k, v) of layer `layer` as (B, Fc*L, H, hd) each, or None while the cache is empty."""
         if self.k[layer] is None:

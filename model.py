@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from attention import attend, block_mask, frame_mask, token_mask
+from attention import attend, block_mask, cache_table, frame_mask, routed_attend, routing_table, token_mask
 from data import VOCAB
 
 
@@ -43,6 +43,7 @@ class DiTConfig:
     text_len: int = 24        # prompt tokens (data.tokenize pads/truncates to this)
     text_layers: int = 2      # small self-attention stack over the prompt words
     rope_theta: float = 10000.0
+    topk: int = 0             # history routing: each query attends to its top-k history frames (0 = all of them)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -115,6 +116,14 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
+@dataclass
+class Routing:
+    """Attend with top-k history routing (attention.routed_attend) instead of a fixed mask."""
+    table: torch.Tensor   # int8 (Fq, Fk) frame table: never / always / candidate
+    L: int                # tokens per frame
+    topk: int
+
+
 # ----------------------------------------------------------------------------------------------------------
 # modules, leaf to root
 
@@ -128,7 +137,7 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x, ang_q, ang_k, mask=None, past=None):
-        """x (B, N, D). past = (k, v) pre-RoPE from the cache, (B, Np, H, hd), or None.
+        """x (B, N, D). past = (k, v) pre-RoPE from the cache, (B, Np, H, hd), or None. mask: see attend, or Routing.
 
         ang_k covers the keys [past | x]. Returns the output and this call's own pre-RoPE (k, v).
         """
@@ -139,7 +148,11 @@ class SelfAttention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
         q, k = apply_rope(q, ang_q).to(v.dtype), apply_rope(k, ang_k).to(v.dtype)   # FlexAttention wants one dtype
-        o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)    # (B, H, N, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)             # (B, H, N, hd)
+        if isinstance(mask, Routing):
+            o = routed_attend(q, k, v, mask.table, mask.L, mask.topk)
+        else:
+            o = attend(q, k, v, mask)
         return self.out(o.transpose(1, 2).reshape(B, N, D)), new_kv
 
 
@@ -255,9 +268,13 @@ class DiT(nn.Module):
         return unpatchify(out, c.patch, c.channels, c.height, c.width)
 
     def _mask(self, layout, frames, window, device):
-        """Dense token mask on CPU, FlexAttention BlockMask on CUDA; cached per shape."""
+        """Dense token mask on CPU, FlexAttention BlockMask on CUDA, or top-k routing; cached per shape."""
         if layout == "bidirectional":
             return None
+        if self.cfg.topk > 0:
+            assert window is None, "history routing replaces the window; use one or the other"
+            return Routing(routing_table(layout, frames, self.cfg.chunk), self.cfg.tokens_per_frame,
+                           self.cfg.topk)
         key = (layout, frames, window, str(device))
         if key not in self._masks:
             table = frame_mask(layout, frames, self.cfg.chunk, window)
@@ -306,9 +323,13 @@ class DiT(nn.Module):
         cache_pos, query_pos = cache.positions(n)
         ang_q = rope_angles(self.cfg, query_pos.to(x.device))
         ang_k = rope_angles(self.cfg, torch.cat([cache_pos, query_pos]).to(x.device))
+        mask = None   # the chunk sees the whole cache and itself, unless routing picks among the history
+        if self.cfg.topk > 0 and len(cache):
+            table = cache_table(len(cache), cache.sink_count(), n)   # stays on the host: the kernel plans from it
+            mask = Routing(table, self.cfg.tokens_per_frame, self.cfg.topk)
         new_kv = []
         for i, block in enumerate(self.blocks):
-            h, kv = block(h, e, ctx, ctx_mask, ang_q, ang_k, None, cache.kv(i))
+            h, kv = block(h, e, ctx, ctx_mask, ang_q, ang_k, mask, cache.kv(i))
             new_kv.append(kv)
         if write:
             cache.append(new_kv, n)

@@ -49,6 +49,8 @@ def add_args(p):
                         "Default: the one the checkpoint's method was trained for")
     p.add_argument("--steps", type=int, default=None, help=f"denoising calls per chunk (default {STEPS})")
     p.add_argument("--cfg", type=float, default=CFG, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--topk", type=int, default=None,
+                   help="history routing: top-k history frames per query (0 = dense; default: as trained)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
@@ -81,6 +83,10 @@ class Stream:
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model_from_checkpoint(ckpt).eval().to(self.device)
         cfg = self.model.cfg
+        if args.topk is not None:
+            if args.topk < 0:
+                fail("--topk must be >= 0 (0 = dense attention)")
+            cfg.topk = args.topk
         default_window = cfg.frames - cfg.chunk - (cfg.chunk if args.memory == "sink" else 0)
         self.memory = MemoryConfig(policy=args.memory, window=args.window or default_window,
                                    sink=cfg.chunk if args.sink is None else args.sink)
@@ -102,7 +108,8 @@ class Stream:
     def describe(self) -> str:
         c = self.ckpt
         return (f"{c['path']} ({c['method']}, step {c['step']}) | {self.n_frames} frames | memory {self.memory.policy} "
-                f"| {self.sampler.kind} x {self.sampler.steps} | prompt: {self.prompt}")
+                f"| {self.sampler.kind} x {self.sampler.steps} | top-k {self.model.cfg.topk or 'dense'} "
+                f"| prompt: {self.prompt}")
 
     def chunks(self):
         cfg = self.model.cfg

@@ -55,6 +55,8 @@ def parse(argv=None):
     p.add_argument("--out", default=None, help="run directory for checkpoints (default: runs/<method>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--init", default=None, help="start from this checkpoint's EMA weights")
+    p.add_argument("--topk", type=int, default=0,
+                   help="history routing: each query attends to its own chunk + its top-k history frames (0 = dense)")
     rs = p.add_argument_group("resampling")
     rs.add_argument("--resample-mode", default="autoregressive", choices=("autoregressive", "parallel", "noise"),
                     help="how the history is degraded (the rows of the paper's Table 2)")
@@ -85,6 +87,8 @@ def check(args):
         raise SystemExit(f"train.py: error: unknown --method {args.method!r} (available: {built})")
     if min(args.steps, args.batch, args.log_every, args.save_every) < 1 or args.lr <= 0 or args.warmup < 0:
         raise SystemExit("train.py: error: --steps, --batch, --lr, --log-every and --save-every must be positive")
+    if args.topk < 0:
+        raise SystemExit("train.py: error: --topk must be >= 0 (0 = dense attention)")
     if args.resample_steps < 1 or args.resample_shift <= 0:
         raise SystemExit("train.py: error: --resample-steps and --resample-shift must be positive")
     if not 0 <= args.ema < 1:
@@ -173,6 +177,7 @@ def train(args):
     torch.backends.cudnn.allow_tf32 = True
 
     cfg = DiTConfig.preset(args.preset)
+    cfg.topk = args.topk
     if args.data and cfg.channels != 3:
         raise SystemExit(f"train.py: error: --data needs an RGB model; --{args.preset} expects {cfg.channels}-channel latents")
     folder = VideoFolder(args.data, size=cfg.height, frames=cfg.frames) if args.data else None

@@ -108,10 +108,11 @@ def test_ddp_two_processes_keep_identical_weights(tmp_path):
 
 def test_resampling_trains_end_to_end_then_streams(tmp_path):
     out = str(tmp_path / "rs")
-    r = run("train.py", "--method", "resampling", "--tiny", "--steps", "4", "--resample-warmup", "1", "--out", out)
+    r = run("train.py", "--method", "resampling", "--tiny", "--steps", "4", "--resample-warmup", "1", "--topk", "1",
+            "--out", out)
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(os.path.join(out, "ckpt_0000004.pt"), weights_only=True)
-    assert ckpt["method"] == "resampling"
-    r = run("sample.py", "--ckpt", out, "--seconds", "1", "--out", str(tmp_path / "rs.mp4"))
-    assert r.returncode == 0, r.stderr
+    assert ckpt["method"] == "resampling" and ckpt["config"]["topk"] == 1
+    r = run("sample.py", "--ckpt", out, "--seconds", "1", "--topk", "2", "--out", str(tmp_path / "rs.mp4"))
+    assert r.returncode == 0 and "top-k 2" in r.stdout, r.stderr
     assert sum(1 for _ in imageio.get_reader(str(tmp_path / "rs.mp4"))) == 16

@@ -139,3 +139,33 @@ def test_memory_check_rejects_positions_outside_training():
         MemoryConfig(policy="sink", window=8, sink=4).check(chunk=2, trained_frames=8)
     with pytest.raises(ValueError, match="unknown memory policy"):
         MemoryConfig(policy="slow").check(chunk=2, trained_frames=8)
+
+
+def routed(model, topk):
+    model.cfg.topk = topk
+    return model
+
+
+def test_routing_with_k_covering_history_is_dense():
+    model, cfg, x, clean, sigma, tokens = make()
+    dense_bc = model(x, sigma, tokens, layout="block_causal")
+    dense_tf = model(x, sigma, tokens, layout="teacher_forcing", clean=clean)
+    routed(model, x.shape[1])
+    assert (model(x, sigma, tokens, layout="block_causal") - dense_bc).abs().max() <= 1e-5
+    assert (model(x, sigma, tokens, layout="teacher_forcing", clean=clean) - dense_tf).abs().max() <= 1e-5
+    routed(model, 1)   # and a real top-1 is not dense
+    assert (model(x, sigma, tokens, layout="block_causal") - dense_bc).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_routed_streaming_equals_routed_full_forward(topk):
+    # the same keys at the same positions give the same scores, so the cache picks what the full forward picks
+    model, cfg, x, clean, sigma, tokens = make(frames=12)
+    routed(model, topk)
+    cache = KVCache(MemoryConfig(policy="full"), cfg.depth)
+    c = cfg.chunk
+    tf = model(x, sigma, tokens, layout="teacher_forcing", clean=clean)
+    for j in range(x.shape[1] // c):
+        streamed = model.forward_cached(x[:, j * c:(j + 1) * c], sigma[:, j * c:(j + 1) * c], tokens, cache)
+        model.forward_cached(clean[:, j * c:(j + 1) * c], torch.zeros(2, c), tokens, cache, write=True)
+        assert (streamed - tf[:, j * c:(j + 1) * c]).abs().max() <= 1e-4, f"chunk {j}"
