@@ -1,0 +1,330 @@
+"""Tests for eval.py: ToyWorld's own video scores at the ideal end of every metric, each controlled corruption
+moves the metric meant to catch it, the reading of frames (components, shapes) is right, drift summaries are
+exact, and the command line scores an mp4 and a checkpoint and refuses bad input with one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+import eval as E
+from data import PALETTE, SHAPES, ToyWorld, WorldConfig, backdrop_image, shape_mask
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FPS = 16
+
+
+def run(*args):
+    # one thread: the tiny model gains nothing from more, and on a busy machine spinning threads cost 5-10x
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def world_video(seed, size=32, seconds=60, deterministic=False):
+    world = ToyWorld(seed, WorldConfig(size=size, deterministic=deterministic))
+    return world, world.render(0, seconds * FPS)
+
+
+def figures(frames, world, tf_start=0):
+    return E.evaluate(frames, world, FPS, tf_start)["figures"]
+
+
+# ---- corruptions: each is meant to be caught by one metric ------------------------------------------------------
+
+def blur(frames):
+    """3x3 box blur."""
+    H, W = frames.shape[1:3]
+    f = np.pad(frames.astype(np.float32), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    return np.round(sum(f[:, dy:dy + H, dx:dx + W] for dy in range(3) for dx in range(3)) / 9).astype(np.uint8)
+
+
+def colour_shift(frames, rgb=(20, -16, 12)):
+    """A colour cast of 28 RGB units: past FIDELITY_TOL, within DETECT_TOL, so objects are still found."""
+    return np.clip(frames.astype(int) + rgb, 0, 255).astype(np.uint8)
+
+
+def noise(frames, sigma=8.0):
+    return np.clip(np.round(frames + np.random.default_rng(0).normal(0, sigma, frames.shape)), 0, 255).astype(np.uint8)
+
+
+def freeze(frames):
+    """Repeat the middle frame for the whole second half."""
+    out = frames.copy()
+    out[len(out) // 2:] = out[len(out) // 2]
+    return out
+
+
+def drop(frames, world, j):
+    """Paint object j's pixels with the background behind them."""
+    out = frames.copy()
+    for t in range(len(out)):
+        mask = np.all(out[t] == world.rgb[j], axis=-1)
+        out[t][mask] = world.background(t)[mask]
+    return out
+
+
+@pytest.fixture(scope="module")
+def seed3():
+    world, frames = world_video(3)   # 4 objects, panning camera, occluder, two background events in 60 s
+    return world, frames, E.evaluate(frames, world, FPS)
+
+
+# ---- reading frames ---------------------------------------------------------------------------------------------
+
+def test_components_match_a_flood_fill():
+    rng = np.random.default_rng(0)
+    colour = np.where(rng.uniform(size=(6, 24, 24)) < 0.55, rng.integers(0, 3, size=(6, 24, 24)), -1)
+    colour[0] = -1
+    colour[0, 2:20, 2] = colour[0, 19, 2:20] = colour[0, 2:20, 19] = colour[0, 2, 5:19] = 1   # a long hook
+    colour[0, 2:17, 5] = colour[0, 16, 5:17] = 1
+    lab = E.components(colour)
+    for n in range(len(colour)):
+        expected, seen = -np.ones((24, 24), int), 0
+        for y0, x0 in zip(*np.nonzero(colour[n] >= 0)):
+            if expected[y0, x0] >= 0:
+                continue
+            stack, expected[y0, x0] = [(y0, x0)], seen
+            while stack:
+                y, x = stack.pop()
+                for v, u in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                    if 0 <= v < 24 and 0 <= u < 24 and expected[v, u] < 0 and colour[n, v, u] == colour[n, y, x]:
+                        expected[v, u] = seen
+                        stack.append((v, u))
+            seen += 1
+        # the same partition: labels map one to one
+        pairs = set(zip(lab[n][colour[n] >= 0].tolist(), expected[colour[n] >= 0].tolist()))
+        assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs}) == seen
+        assert (lab[n][colour[n] < 0] == -1).all()
+    assert len(np.unique(lab[0][colour[0] >= 0])) == 1   # the hook is one component
+
+
+def test_every_toyworld_shape_is_recognised():
+    background = backdrop_image("checks", "teal", 64, 64)
+    for r in range(3, 11):
+        frame = np.array(background)
+        masks = [shape_mask(s, r) for s in SHAPES]
+        for k, (colour, mask) in enumerate(zip(PALETTE, masks)):
+            y, x = 2 + r + (k // 2) * 30, 2 + r + (k % 2) * 30
+            frame[y - r:y + r + 1, x - r:x + r + 1][mask] = PALETTE[colour]
+        det = E.objects(frame[None], E.classify(frame[None]), E.MIN_AREA)
+        for k, (colour, mask) in enumerate(zip(PALETTE, masks)):
+            c = E.COLOURS.index(colour)
+            assert det["present"][0, c] and det["clean"][0, c], (r, SHAPES[k])
+            assert det["area"][0, c] == mask.sum() and SHAPES[det["shape"][0, c]] == SHAPES[k], (r, SHAPES[k])
+        assert det["present"][0].sum() == len(SHAPES)
+
+
+# ---- ToyWorld's own video is ideal ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed,size,seconds,deterministic", [(3, 32, 60, False), (7, 32, 60, False),
+                                                              (6, 64, 30, False), (5, 32, 30, True)])
+def test_real_video_scores_ideal(seed, size, seconds, deterministic):
+    world, frames = world_video(seed, size, seconds, deterministic)
+    assert deterministic or world.occluder is not None   # the hard case: panning camera and occluder
+    r = E.evaluate(frames, world, FPS)
+    f, curves = r["figures"], r["curves"]
+    assert curves["palette_fidelity"].min() >= 0.999
+    assert np.nanmax(curves["colour_drift"]) < 1e-9
+    assert curves["background_error"].max() < 1.0      # only the rounding of the backdrop's shade and gradient
+    assert np.nanmax(curves["flicker"]) == 0           # the pan is undone exactly
+    assert f["teleport_rate"] == 0
+    assert abs(f["motion_retention"] - 1) < 0.15   # whole-pixel positions: +-1 px per run of steps, ~8% at most
+    assert f["gaps_scored"] >= 1 and f["identity_match"] == 1
+    assert all(s["frames_to_match"] == 0 for s in r["prompt_switch"])
+    assert len(r["prompt_switch"]) == sum(t < len(frames) for t, _ in world.events)
+    # count error against the ground truth: where no object is half hidden, it is the number out of view
+    checked = 0
+    for t in range(len(frames)):
+        visible = [o["visible"] for o in world.state(t)["objects"]]
+        if all(v == 0 or v >= 0.5 for v in visible):
+            assert curves["count_error"][t] == sum(v == 0 for v in visible), t
+            checked += 1
+            if all(v >= 0.9 for v in visible):
+                assert curves["count_error"][t] == 0
+    assert checked > 0.2 * len(frames)
+    drift = r["drift"]["palette_fidelity"]
+    assert drift["abs_delta"] == 0 and drift["slope_per_min"] == 0
+
+
+def test_teacher_forced_continuation_of_the_truth_is_perfect():
+    world, frames = world_video(5, seconds=9, deterministic=True)
+    r = E.evaluate(frames, world, FPS, tf_start=4)
+    assert np.isnan(r["curves"]["psnr"][:4]).all()
+    assert list(r["horizon"]["psnr"]) == ["0.5s", "1s", "2s", "4s", "8s", "16s"]
+    assert all(v == E.PSNR_CAP for v in r["horizon"]["psnr"].values())
+    assert all(abs(v - 1) < 1e-12 for v in r["horizon"]["ssim"].values())
+    worse = frames.copy()
+    worse[4:] = blur(frames[4:])
+    bad = E.evaluate(worse, world, FPS, tf_start=4)["figures"]
+    assert bad["ssim"] < 0.9 and bad["psnr"] < 30 and bad["palette_fidelity"] < 0.95
+    late = frames.copy()
+    late[4 + 4 * FPS:] = noise(frames[4 + 4 * FPS:], 20)   # damage after 4 s: only the late horizons drop
+    by = E.evaluate(late, world, FPS, tf_start=4)["horizon"]["psnr"]
+    assert by["4s"] == by["0.5s"] == E.PSNR_CAP and by["8s"] < 30
+
+
+# ---- each corruption moves its metric ---------------------------------------------------------------------------
+
+def test_blur_lowers_palette_fidelity(seed3):
+    world, frames, real = seed3
+    f = figures(blur(frames), world)
+    assert f["palette_fidelity"] < real["figures"]["palette_fidelity"] - 0.05
+
+
+def test_colour_shift_raises_colour_drift(seed3):
+    world, frames, real = seed3
+    f = figures(colour_shift(frames), world)
+    assert f["colour_drift"] > 15 and real["figures"]["colour_drift"] == 0
+    assert f["palette_fidelity"] < 0.5 and f["background_error"] > 15
+
+
+def test_frozen_second_half_kills_motion_retention(seed3):
+    world, frames, real = seed3
+    assert real["figures"]["motion_retention"] > 0.85
+    assert figures(freeze(frames), world)["motion_retention"] < 0.05
+    world, frames = world_video(2, seconds=30, deterministic=True)   # its middle frame shows clean objects
+    assert figures(freeze(frames), world)["motion_retention"] < 0.05
+
+
+def test_dropped_object_raises_count_error(seed3):
+    world, frames, real = seed3
+    j = world.scenes[0][0][0]
+    dropped = E.evaluate(drop(frames, world, j), world, FPS)
+    assert dropped["figures"]["count_error"] > real["figures"]["count_error"] + 0.3
+    shown = [t for t in range(len(frames)) if all(o["visible"] >= 0.9 for o in world.state(t)["objects"]
+                                                   if o["id"] == j)]
+    assert (dropped["curves"]["count_error"][shown] >= 1).all()
+
+
+def test_noise_raises_flicker_and_background_error(seed3):
+    world, frames, real = seed3
+    f = figures(noise(frames), world)
+    assert f["flicker"] > 3 and real["figures"]["flicker"] == 0
+    assert f["background_error"] > real["figures"]["background_error"] + 3
+
+
+def test_shape_swap_after_a_gap_breaks_identity(seed3):
+    world, frames, real = seed3
+    gap = next(g for g in real["gaps"] if g["scored"] and g["frames"] >= FPS)
+    j = world.colours.index(gap["colour"])
+    swapped_world = ToyWorld(3, world.cfg)
+    other = next(s for s in ("square", "triangle") if s != world.shapes[j])
+    swapped_world.masks[j] = shape_mask(other, world.radius[j])
+    start = gap["start"] + gap["frames"] - 1   # the object comes back with another shape
+    swapped = frames.copy()
+    swapped[start:] = swapped_world.render(start, len(frames) - start)
+    r = E.evaluate(swapped, world, FPS)
+    assert r["figures"]["identity_match"] < 1
+    assert any(g["colour"] == gap["colour"] and g["start"] == gap["start"] and g["match"] is False for g in r["gaps"])
+
+
+def test_ignoring_a_prompt_switch_never_matches(seed3):
+    world, frames, real = seed3
+    assert [s["frames_to_match"] for s in real["prompt_switch"]] == [0, 0]   # two background changes
+    held = ToyWorld(3, WorldConfig(horizon_s=0.0)).render(0, len(frames))   # the first scene forever
+    assert [s["frames_to_match"] for s in E.evaluate(held, world, FPS)["prompt_switch"]] == [None, None]
+    late = frames.copy()
+    late[300:340] = held[300:340]   # the new background arrives 40 frames late
+    assert E.evaluate(late, world, FPS)["prompt_switch"][0]["frames_to_match"] == 40
+
+
+# ---- drift summaries --------------------------------------------------------------------------------------------
+
+def test_drift_of_a_linear_curve_is_exact():
+    n, a, b = 2 * 60 * FPS, 0.7, -0.25   # two minutes of y = a + b * minutes
+    t = np.arange(n) / (60 * FPS)
+    y = a + b * t
+    d = E.drift(y, FPS)
+    w = 5 * FPS
+    first, last = a + b * t[:w].mean(), a + b * t[-w:].mean()
+    assert d["first"] == pytest.approx(first, abs=1e-12) and d["last"] == pytest.approx(last, abs=1e-12)
+    assert d["delta"] == pytest.approx(last - first, abs=1e-12) and d["abs_delta"] == pytest.approx(first - last)
+    assert d["slope_per_min"] == pytest.approx(b, abs=1e-12)
+    y[::7] = np.nan   # undefined frames are skipped, the line is the same
+    assert E.drift(y, FPS)["slope_per_min"] == pytest.approx(b, abs=1e-12)
+    short = E.drift(np.arange(10.0), FPS)   # shorter than two windows: each window is half the video
+    assert short["first"] == 2 and short["last"] == 7 and short["delta"] == 5
+
+
+# ---- the command line -------------------------------------------------------------------------------------------
+
+def write_mp4(path, frames, scale=4):
+    """As sample.py writes: upscaled by nearest neighbour, libx264."""
+    writer = imageio.get_writer(path, fps=FPS, codec="libx264", quality=8, macro_block_size=1,
+                                ffmpeg_params=["-preset", "ultrafast", "-threads", "1"])
+    for f in frames:
+        writer.append_data(f.repeat(scale, 0).repeat(scale, 1))
+    writer.close()
+
+
+def test_cli_scores_an_mp4_of_the_world(tmp_path):
+    world, frames = world_video(3, seconds=40)
+    video, out = str(tmp_path / "real.mp4"), tmp_path / "out"
+    write_mp4(video, frames)
+    r = run("eval.py", video, "--world", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["eval.json", "eval.png"]
+    result = json.loads((out / "eval.json").read_text())
+    f = result["figures"]
+    assert result["frames"] == len(frames) and result["world"]["caption"] == world.caption(0)
+    assert f["palette_fidelity"] >= 0.99 and f["colour_drift"] < 5 and f["background_error"] < 3
+    assert f["flicker"] < 1 and f["teleport_rate"] == 0 and f["identity_match"] == 1
+    assert abs(f["motion_retention"] - 1) < 0.15 and [s["frames_to_match"] for s in result["prompt_switch"]] == [0]
+    assert result["reference"]["palette_fidelity"] == 1 and result["reference"]["flicker"] == 0
+    assert set(result["drift"]) >= {"palette_fidelity", "colour_drift", "count_error", "background_error", "flicker"}
+    assert len(result["curves"]["palette_fidelity"]) == len(frames)
+    from PIL import Image
+    assert Image.open(out / "eval.png").size[0] >= 400
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    r = run("train.py", "--method", "teacher", "--tiny", "--steps", "4", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_cli_samples_and_scores_a_checkpoint(trained, tmp_path):
+    out = tmp_path / "gen"
+    r = run("eval.py", "--ckpt", trained, "--seconds", "2", "--steps", "2", "--cfg", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "eval.json").read_text())
+    assert result["frames"] == 2 * FPS and result["world"]["caption"] == ToyWorld(0).caption(0)
+    assert "horizon" not in result and (out / "eval.png").exists()
+    # teacher-forced start: 2 true frames (one tiny chunk) into the guided cache, then the model; PSNR/SSIM by horizon
+    r = run("eval.py", "--ckpt", trained, "--seconds", "1", "--steps", "2", "--world", "4", "--deterministic",
+            "--tf-start", "2", "--out", str(tmp_path / "tf"))
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "tf" / "eval.json").read_text())
+    assert result["frames"] == 2 + FPS and result["curves"]["psnr"][:2] == [None, None]
+    assert set(result["horizon"]["psnr"]) == {"0.5s", "1s"} and result["reference"]["psnr"] == E.PSNR_CAP
+    assert result["figures"]["psnr"] < E.PSNR_CAP   # four training steps do not continue the world
+
+
+def test_bad_input_gives_one_error_line(trained, tmp_path):
+    r = run("eval.py", str(tmp_path / "missing.mp4"), "--world", "1", "--out", str(tmp_path / "o"))
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("eval.py: error:") and "not found" in lines[0]
+    assert not (tmp_path / "o").exists()
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00" * 1000)
+    cases = [([str(junk), "--world", "1"], "cannot read video"),
+             ([str(junk)], "--world"),
+             ([str(junk), "--world", "1", "--seconds", "3"], "not both"),
+             (["--ckpt", trained, "--seconds", "0"], "seconds"),
+             (["--ckpt", trained, "--tf-start", "2"], "--deterministic"),
+             (["--ckpt", trained, "--deterministic", "--tf-start", "3"], "whole chunks"),
+             (["--ckpt", trained, "--size", "64"], "frame size")]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            E.main(argv + ["--out", str(tmp_path / "o")])
+        assert words in str(e.value.code) and "\n" not in str(e.value.code), (argv, e.value.code)
+    with pytest.raises(SystemExit) as e:
+        E.main(["--nonsense"])
+    assert e.value.code == 2   # argparse: usage and one "error:" line
+    assert not (tmp_path / "o").exists()
