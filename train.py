@@ -71,8 +71,8 @@ def parse(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.set_defaults(preset="small")
     args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k, None) is None:
+    for k, v in PRESETS[args.preset].items():   # flags left unset take the preset's value
+        if vars(args)[k] is None:
             setattr(args, k, v)
     args.out = args.out or os.path.join("runs", f"{args.method}-{args.preset}")
     return args
