@@ -68,31 +68,29 @@ def drop_prompt(tokens: torch.Tensor, p: float = 0.1, generator=None) -> torch.T
 # ----------------------------------------------------------------------------------------------------------
 # losses: each takes the model and a clean batch and returns a scalar
 
+def flow_loss(model, x0, sigma, tokens, generator=None, **layout):
+    """Flow-matching MSE: noise x0 to sigma (B, F), predict v = eps - x0 with the given layout, prompt dropout."""
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    v = model(add_noise(x0, sigma, eps), sigma, drop_prompt(tokens, generator=generator), **layout)
+    return F.mse_loss(v.float(), (eps - x0).float())
+
+
 def teacher_loss(model, x0, tokens, shift: float, generator=None, history=None, history_sigma=None):
     """history: what the clean half shows (default the ground truth x0); the target is always x0."""
-    B, Fr = x0.shape[:2]
-    sigma = chunk_sigma(B, Fr, model.cfg.chunk, shift, x0.device, generator)
-    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
-    v = model(add_noise(x0, sigma, eps), sigma, drop_prompt(tokens, generator=generator),
-              layout="teacher_forcing", clean=x0 if history is None else history, clean_sigma=history_sigma)
-    return F.mse_loss(v.float(), (eps - x0).float())
+    sigma = chunk_sigma(*x0.shape[:2], model.cfg.chunk, shift, x0.device, generator)
+    return flow_loss(model, x0, sigma, tokens, generator, layout="teacher_forcing",
+                     clean=x0 if history is None else history, clean_sigma=history_sigma)
 
 
 def diffusion_loss(model, x0, tokens, shift: float, generator=None):
-    B, Fr = x0.shape[:2]
-    sigma = chunk_sigma(B, Fr, model.cfg.chunk, shift, x0.device, generator)
-    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
-    v = model(add_noise(x0, sigma, eps), sigma, drop_prompt(tokens, generator=generator), layout="block_causal")
-    return F.mse_loss(v.float(), (eps - x0).float())
+    sigma = chunk_sigma(*x0.shape[:2], model.cfg.chunk, shift, x0.device, generator)
+    return flow_loss(model, x0, sigma, tokens, generator, layout="block_causal")
 
 
 def bidirectional_loss(model, x0, tokens, shift: float, generator=None):
-    B, Fr = x0.shape[:2]
-    u = torch.rand(B, 1, device=x0.device, generator=generator)
-    sigma = shift_sigma(u, shift).expand(B, Fr)
-    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
-    v = model(add_noise(x0, sigma, eps), sigma, drop_prompt(tokens, generator=generator), layout="bidirectional")
-    return F.mse_loss(v.float(), (eps - x0).float())
+    u = torch.rand(x0.shape[0], 1, device=x0.device, generator=generator)   # one sigma for the whole clip
+    return flow_loss(model, x0, shift_sigma(u, shift).expand(x0.shape[:2]), tokens, generator,
+                     layout="bidirectional")
 
 
 # ----------------------------------------------------------------------------------------------------------
