@@ -328,3 +328,31 @@ def test_bad_input_gives_one_error_line(trained, tmp_path):
         E.main(["--nonsense"])
     assert e.value.code == 2   # argparse: usage and one "error:" line
     assert not (tmp_path / "o").exists()
+
+
+# ---- compare.py -------------------------------------------------------------------------------------------------
+
+def test_compare_averages_streams_and_draws_every_model(seed3, tmp_path):
+    import compare
+
+    world, frames, real = seed3
+    shifted = E.evaluate(colour_shift(frames), world, FPS)
+    for name, result in (("a", real), ("b", shifted), ("c", real)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps(E.plain({**result, "frames": len(frames), "fps": FPS})))
+    models = dict(compare.load(spec) for spec in (f"real={tmp_path / 'a'}", f"mixed={tmp_path / 'b'},{tmp_path / 'c'}"))
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in compare.table(models).splitlines()
+            if line.startswith("| ")}
+    drift = (real["figures"]["colour_drift"] + shifted["figures"]["colour_drift"]) / 2
+    spread = abs(real["figures"]["colour_drift"] - shifted["figures"]["colour_drift"]) / 2
+    assert rows["colour_drift"][0] == "0" and rows["colour_drift"][1].rstrip(" |") == f"{drift:.3g} ± {spread:.2g}"
+    curve = compare.model_curve(models["mixed"], "colour_drift")
+    assert len(curve) == len(frames) and np.nanmean(curve) > 5   # half the streams are shifted by ~28 RGB units
+    out = tmp_path / "plot.png"
+    compare.plot(models, str(out))
+    image = imageio.imread(out)
+    for colour in compare.LINE_COLOURS[:2]:       # a line of each model's colour was drawn
+        assert np.all(image[..., :3] == colour, axis=-1).sum() > 100
+    with pytest.raises(SystemExit) as e:
+        compare.main([f"x={tmp_path / 'missing'}"])
+    assert "cannot read" in str(e.value.code) and "\n" not in str(e.value.code)

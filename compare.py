@@ -1,0 +1,142 @@
+"""
+Compare eval.py runs side by side: one markdown table of the figures and drifts, and one drift plot.
+
+    python compare.py teacher=runs/eval-teacher-s0,runs/eval-teacher-s1 \\
+                      resampling=runs/eval-resampling-s0,runs/eval-resampling-s1 --out docs/drift.png
+
+Each argument is LABEL=DIR[,DIR...]: the eval.py output folders (each holds an eval.json) of one model, say one
+per prompt seed. A cell of the table is the mean over that model's folders, "± sd" when there are several (the
+spread over streams, which says how far apart two models must be before the gap means anything). Drift rows are
+eval.py's drift summaries: the mean of a curve over the last WINDOW_S seconds minus over the first. The plot has
+one panel per per-frame curve, one line per model: each stream's curve as a WINDOW_S-second moving mean, then
+averaged over the model's streams; the panels share their y-range across models.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from eval import WINDOW_S, mean
+
+FIGURES = ("palette_fidelity", "colour_drift", "count_error", "background_error", "flicker", "motion_retention",
+           "teleport_rate", "identity_match")
+CURVES = ("palette_fidelity", "colour_drift", "count_error", "background_error", "flicker")
+LINE_COLOURS = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (210, 130, 0), (140, 60, 180), (0, 160, 170),
+                (90, 90, 90), (230, 90, 160)]
+
+
+def fail(msg):
+    raise SystemExit(f"compare.py: error: {msg}")
+
+
+def load(spec):
+    """LABEL=DIR[,DIR...] -> (label, [eval.json dicts])."""
+    label, sep, dirs = spec.partition("=")
+    if not sep or not label or not dirs:
+        fail(f"expected LABEL=DIR[,DIR...], got {spec!r}")
+    runs = []
+    for d in dirs.split(","):
+        path = os.path.join(d, "eval.json")
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError) as e:
+            fail(f"cannot read {path}: {type(e).__name__}")
+    return label, runs
+
+
+def cell(values):
+    """Mean of the finite values, with their standard deviation when there are several."""
+    v = np.asarray([np.nan if x is None else x for x in values], float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return "-"
+    return f"{v.mean():.3g}" + (f" ± {v.std():.2g}" if len(v) > 1 else "")
+
+
+def table(models) -> str:
+    labels = list(models)
+    rows = ["| metric | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for name in FIGURES:
+        rows.append(f"| {name} | " + " | ".join(cell([r["figures"][name] for r in models[m]]) for m in labels) + " |")
+    for name in CURVES:
+        rows.append(f"| {name}: drift (last {WINDOW_S:g} s - first) | " +
+                    " | ".join(cell([r["drift"][name]["delta"] for r in models[m]]) for m in labels) + " |")
+    streams = {len(v) for v in models.values()}
+    seconds = {r["frames"] / r["fps"] for v in models.values() for r in v}
+    rows.append(f"\n{'/'.join(map(str, sorted(streams)))} stream(s) per model, "
+                f"{'/'.join(f'{s:g}' for s in sorted(seconds))} s each")
+    return "\n".join(rows)
+
+
+def smooth(curve, n):
+    """Moving mean over n frames, NaN frames skipped; NaN where the whole window is NaN."""
+    y = np.asarray([np.nan if x is None else x for x in curve], float)
+    ok = np.isfinite(y)
+    k = np.ones(n)
+    total, count = np.convolve(np.where(ok, y, 0), k, "same"), np.convolve(ok.astype(float), k, "same")
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def model_curve(runs, name):
+    """A model's smoothed curve: the moving mean of each stream, averaged over streams (cut to the shortest)."""
+    n = min(r["frames"] for r in runs)
+    curves = np.stack([smooth(r["curves"][name][:n], max(1, round(WINDOW_S * r["fps"]))) for r in runs])
+    return np.array([mean(c) for c in curves.T])
+
+
+def plot(models, path):
+    """One panel per curve, one coloured line per model, the legend on top."""
+    from PIL import Image, ImageDraw
+
+    W, row, top = 800, 90, 22
+    image = Image.new("RGB", (W, top + row * len(CURVES) + 20), "white")
+    pen = ImageDraw.Draw(image)
+    x0, x1 = 56, W - 8
+    for i, label in enumerate(models):
+        pen.text((x0 + 110 * i, 4), label, fill=LINE_COLOURS[i % len(LINE_COLOURS)])
+    fps = next(iter(models.values()))[0]["fps"]
+    for p, name in enumerate(CURVES):
+        curves = [model_curve(runs, name) for runs in models.values()]
+        finite = np.concatenate([c[np.isfinite(c)] for c in curves])
+        lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
+        y0 = top + p * row + 16
+        y1 = y0 + row - 24
+        pen.rectangle((x0, y0, x1, y1), outline=(160, 160, 160))
+        pen.text((x0, y0 - 13), f"{name} ({WINDOW_S:g} s moving mean)", fill="black")
+        pen.text((2, y0 - 4), f"{hi:.3g}", fill="black")
+        pen.text((2, y1 - 8), f"{lo:.3g}", fill="black")
+        n = max(len(c) for c in curves)
+        for i, c in enumerate(curves):
+            xs = x0 + (x1 - x0) * np.arange(len(c)) / max(n - 1, 1)
+            ys = y1 - (y1 - y0) * (c - lo) / ((hi - lo) or 1.0)
+            ok = np.isfinite(ys)
+            for run in np.split(np.arange(len(c)), np.flatnonzero(np.diff(ok)) + 1):   # NaN frames break the line
+                if ok[run[0]] and len(run) > 1:
+                    pen.line(list(zip(xs[run].tolist(), ys[run].tolist())), fill=LINE_COLOURS[i % len(LINE_COLOURS)])
+    pen.text((x0, image.size[1] - 14), "0 s", fill="black")
+    pen.text((x1 - 40, image.size[1] - 14), f"{n / fps:.4g} s", fill="black")
+    tmp = path + ".part"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="LABEL=DIR[,DIR...]: eval.py output folders of one model")
+    p.add_argument("--out", default=None, help="write the drift plot here (PNG)")
+    args = p.parse_args(argv)
+    models = dict(load(spec) for spec in args.runs)
+    if len(models) != len(args.runs):
+        fail("two runs share a label")
+    print(table(models))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        plot(models, args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
