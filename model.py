@@ -143,7 +143,7 @@ class SelfAttention(nn.Module):
         """
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).unbind(2)  # (B, N, H, hd)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q.float()).type_as(q), self.k_norm(k.float()).type_as(k)   # norm in fp32 (its weight's dtype)
         new_kv = (k, v)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
