@@ -53,7 +53,8 @@ def cell(values):
     v = v[np.isfinite(v)]
     if not len(v):
         return "-"
-    return f"{v.mean():.3g}" + (f" ± {v.std():.2g}" if len(v) > 1 else "")
+    m = v.mean() if abs(v.mean()) > 1e-9 * np.abs(v).max() else 0.0   # exact cancellations print as 0, not 5e-17
+    return f"{m:.3g}" + (f" ± {v.std():.2g}" if len(v) > 1 else "")
 
 
 def table(models) -> str:
