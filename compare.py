@@ -92,12 +92,14 @@ def plot(models, path):
     """One panel per curve, one coloured line per model, the legend on top."""
     from PIL import Image, ImageDraw
 
-    W, row, top = 800, 90, 22
+    W, row, top = 800, 110, 22
     image = Image.new("RGB", (W, top + row * len(CURVES) + 20), "white")
     pen = ImageDraw.Draw(image)
     x0, x1 = 56, W - 8
+    x = x0
     for i, label in enumerate(models):
-        pen.text((x0 + 110 * i, 4), label, fill=LINE_COLOURS[i % len(LINE_COLOURS)])
+        pen.text((x, 4), label, fill=LINE_COLOURS[i % len(LINE_COLOURS)])
+        x += pen.textlength(label) + 20
     fps = next(iter(models.values()))[0]["fps"]
     for p, name in enumerate(CURVES):
         curves = [model_curve(runs, name) for runs in models.values()]
