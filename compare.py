@@ -48,13 +48,15 @@ def load(spec):
 
 
 def cell(values):
-    """Mean of the finite values, with their standard deviation when there are several."""
+    """Mean of the finite values, their standard deviation when there are several, and how many when not all."""
     v = np.asarray([np.nan if x is None else x for x in values], float)
+    n = len(v)
     v = v[np.isfinite(v)]
     if not len(v):
         return "-"
     m = v.mean() if abs(v.mean()) > 1e-9 * np.abs(v).max() else 0.0   # exact cancellations print as 0, not 5e-17
-    return f"{m:.3g}" + (f" ± {v.std():.2g}" if len(v) > 1 else "")
+    return (f"{m:.3g}" + (f" ± {v.std():.2g}" if len(v) > 1 else "") +
+            (f" ({len(v)} of {n})" if len(v) < n else ""))   # the other streams leave it undefined
 
 
 def table(models) -> str:
