@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from eval import WINDOW_S, mean
+from eval import WINDOW_S, mean, panel
 
 FIGURES = ("palette_fidelity", "colour_drift", "count_error", "background_error", "flicker", "motion_retention",
            "teleport_rate", "identity_match")
@@ -105,22 +105,9 @@ def plot(models, path):
     fps = next(iter(models.values()))[0]["fps"]
     for p, name in enumerate(CURVES):
         curves = [model_curve(runs, name) for runs in models.values()]
-        finite = np.concatenate([c[np.isfinite(c)] for c in curves])
-        lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
-        y0 = top + p * row + 16
-        y1 = y0 + row - 24
-        pen.rectangle((x0, y0, x1, y1), outline=(160, 160, 160))
-        pen.text((x0, y0 - 13), f"{name} ({WINDOW_S:g} s moving mean)", fill="black")
-        pen.text((2, y0 - 4), f"{hi:.3g}", fill="black")
-        pen.text((2, y1 - 8), f"{lo:.3g}", fill="black")
-        n = max(len(c) for c in curves)
-        for i, c in enumerate(curves):
-            xs = x0 + (x1 - x0) * np.arange(len(c)) / max(n - 1, 1)
-            ys = y1 - (y1 - y0) * (c - lo) / ((hi - lo) or 1.0)
-            ok = np.isfinite(ys)
-            for run in np.split(np.arange(len(c)), np.flatnonzero(np.diff(ok)) + 1):   # NaN frames break the line
-                if ok[run[0]] and len(run) > 1:
-                    pen.line(list(zip(xs[run].tolist(), ys[run].tolist())), fill=LINE_COLOURS[i % len(LINE_COLOURS)])
+        panel(pen, (x0, top + p * row + 16, x1, top + p * row + row - 8), f"{name} ({WINDOW_S:g} s moving mean)",
+              curves, [LINE_COLOURS[i % len(LINE_COLOURS)] for i in range(len(curves))])
+    n = max(min(r["frames"] for r in runs) for runs in models.values())   # frames of the longest line
     pen.text((x0, image.size[1] - 14), "0 s", fill="black")
     pen.text((x1 - 40, image.size[1] - 14), f"{n / fps:.4g} s", fill="black")
     tmp = path + ".part"

@@ -411,6 +411,28 @@ def evaluate(frames, world, fps, tf_start=0):
 
 # ---- drawing: the PNG, with PIL alone (matplotlib is not a dependency) -----------------------------------------
 
+def panel(pen, box, title, curves, colours):
+    """One line plot in box = (x0, y0, x1, y1): the curves (one colour each) on a shared y-range, labelled with
+    its ends; a curve's x runs over the longest curve's length, and NaN frames break its line."""
+    x0, y0, x1, y1 = box
+    curves = [np.asarray(c, float) for c in curves]
+    finite = np.concatenate([c[np.isfinite(c)] for c in curves])
+    lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
+    pen.rectangle(box, outline=(160, 160, 160))
+    pen.text((x0, y0 - 13), title, fill="black")
+    pen.text((2, y0 - 4), f"{hi:.3g}", fill="black")
+    pen.text((2, y1 - 8), f"{lo:.3g}", fill="black")
+    n = max(len(c) for c in curves)
+    for c, colour in zip(curves, colours):
+        xs = x0 + (x1 - x0) * np.arange(len(c)) / max(n - 1, 1)
+        ys = y1 - (y1 - y0) * (c - lo) / ((hi - lo) or 1.0)
+        ok = np.isfinite(c)
+        for run in np.split(np.arange(len(c)), np.flatnonzero(np.diff(ok)) + 1):
+            if ok[run[0]]:
+                points = list(zip(xs[run].tolist(), ys[run].tolist()))
+                pen.line(points * (2 if len(points) == 1 else 1), fill=colour, width=1)
+
+
 def draw(frames, curves, fps):
     """The PNG: 4 frames from each of the first, middle and last second, over one line plot per curve."""
     from PIL import Image, ImageDraw
@@ -425,22 +447,8 @@ def draw(frames, curves, fps):
     image.paste(Image.fromarray(strip))
     pen = ImageDraw.Draw(image)
     x0, x1 = 56, W - 8
-    xs = x0 + (x1 - x0) * np.arange(n) / max(n - 1, 1)
     for i, (name, c) in enumerate(curves.items()):
-        y0 = top + i * row + 18
-        y1 = y0 + row - 24
-        c = np.asarray(c, float)
-        ok = np.isfinite(c)
-        lo, hi = (c[ok].min(), c[ok].max()) if ok.any() else (0.0, 1.0)
-        pen.rectangle((x0, y0, x1, y1), outline=(160, 160, 160))
-        pen.text((x0, y0 - 13), name, fill="black")
-        pen.text((2, y0 - 4), f"{hi:.3g}", fill="black")
-        pen.text((2, y1 - 8), f"{lo:.3g}", fill="black")
-        ys = y1 - (y1 - y0) * (c - lo) / ((hi - lo) or 1.0)
-        for run in np.split(np.arange(n), np.flatnonzero(np.diff(ok)) + 1):   # NaN frames break the line
-            if ok[run[0]]:
-                points = list(zip(xs[run].tolist(), ys[run].tolist()))
-                pen.line(points * (2 if len(points) == 1 else 1), fill=(200, 40, 40), width=1)
+        panel(pen, (x0, top + i * row + 18, x1, top + i * row + row - 6), name, [c], [(200, 40, 40)])
     pen.text((x0, image.size[1] - 14), "0 s", fill="black")
     pen.text((x1 - 40, image.size[1] - 14), f"{n / fps:.4g} s", fill="black")
     return image
