@@ -18,6 +18,8 @@ BlockMask built from the same table (dense masks are quadratic in memory; FlexAt
 that are fully masked). FlexAttention has no CPU backward in torch 2.13, hence the split.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -138,6 +140,18 @@ def cache_table(cached: int, sink: int, query: int) -> torch.Tensor:
     return row.expand(query, -1).clone()
 
 
+@contextlib.contextmanager
+def exact_fp32(device):
+    """Matmuls in full fp32: autocast off and, on CUDA, TF32 off (restored on exit)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 @torch.no_grad()
 def route(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor, L: int, topk: int) -> torch.Tensor:
     """Pick, for every query token and head, its top-k candidate history frames.
@@ -146,20 +160,21 @@ def route(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor, L: int, topk: i
     linearity q . mean(K_f) = mean_j (q . k_j): the score is the mean pre-softmax logit the query would give
     frame f, relative position included, i.e. what attention itself would see. (Pre-RoPE keys would score
     content alone and could be cached per frame; we prefer the score that matches the attention and
-    recompute the means, an O(Nk hd) pass, on every call.)
+    recompute the means, an O(Nk hd) pass, on every call, so the KV cache stores no per-frame descriptor.)
 
     score[b, h, t, j] = q[b, h, t] . mean over the L tokens of key frame j of k[b, h], in fp32, for the
     CANDIDATE frames of t's frame only. Returns sel int32 (B, H, Nq, topk): the chosen frame indices, best
     first; -1 pads a query with fewer than topk candidates. Equal scores prefer the more recent (higher
     index) frame. Deterministic (a stable sort), and without gradient: selection is a discrete choice.
-    If the caller enables TF32 matmuls, the scores are TF32 too; kernel and reference share `sel`, so this
-    changes which frames are picked, never whether the two agree.
+    The scores are exact fp32 whatever the caller runs under: autocast would compute the matmul in bf16 and
+    TF32 would round its inputs, and either changes which frames near-identical frames lose to.
     """
     B, H, Nq, hd = q.shape
     Fq, Fk = table.shape
     assert Nq == Fq * L and k.shape[2] == Fk * L, f"q/k tokens ({Nq}, {k.shape[2]}) != table {Fq}x{Fk} * L={L}"
-    kbar = k.float().unflatten(2, (Fk, L)).mean(3)                        # (B, H, Fk, hd) mean key per frame
-    score = q.float() @ kbar.transpose(-1, -2)                            # (B, H, Nq, Fk)
+    with exact_fp32(q.device):
+        kbar = k.float().unflatten(2, (Fk, L)).mean(3)                    # (B, H, Fk, hd) mean key per frame
+        score = q.float() @ kbar.transpose(-1, -2)                        # (B, H, Nq, Fk)
     cand = (table.to(q.device) == CANDIDATE).repeat_interleave(L, dim=0)  # (Nq, Fk)
     score = score.masked_fill(~cand, float("-inf"))
     # a stable sort keeps equal scores in input order; sorting the reversed frame axis puts the recent first

@@ -44,7 +44,27 @@ def load(spec):
                 runs.append(json.load(f))
         except (OSError, ValueError) as e:
             fail(f"cannot read {path}: {type(e).__name__}")
+        missing = missing_keys(runs[-1])
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            fail(f"{path} is not an eval.py result (missing {', '.join(missing[:3])}{more})")
     return label, runs
+
+
+def missing_keys(run) -> list[str]:
+    """The keys (dotted) compare.py reads that an eval.json lacks. A figure may be null (undefined), not absent."""
+    need = ["frames", "fps"] + [f"figures.{n}" for n in FIGURES] + [f"curves.{n}" for n in CURVES] + \
+           [f"drift.{n}.delta" for n in CURVES]
+    return [key for key in need if not has_path(run, key)]
+
+
+def has_path(run, key) -> bool:
+    node = run
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def cell(values):
@@ -120,12 +140,19 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="LABEL=DIR[,DIR...]: eval.py output folders of one model")
     p.add_argument("--out", default=None, help="write the drift plot here (PNG)")
     args = p.parse_args(argv)
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create the folder of --out {args.out}: {e.strerror}")
+        if os.path.isdir(args.out) or not os.access(folder, os.W_OK):
+            fail(f"cannot write --out {args.out}")
     models = dict(load(spec) for spec in args.runs)
     if len(models) != len(args.runs):
         fail("two runs share a label")
     print(table(models))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         plot(models, args.out)
         print(f"wrote {args.out}")
 

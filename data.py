@@ -72,12 +72,21 @@ WORD_ID = {word: i for i, word in enumerate(VOCAB)}
 VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
 
 
+def caption_words(caption: str) -> list[str]:
+    """The words of a caption as tokenize reads them: lower-cased, outer punctuation stripped."""
+    return [w for w in (word.strip(".,;:!?\"'") for word in caption.lower().split()) if w]
+
+
+def unknown_words(caption: str) -> list[str]:
+    """The words of a caption that are not in VOCAB (tokenize reads each as <unk>), in order, once each."""
+    return list(dict.fromkeys(w for w in caption_words(caption) if w not in WORD_ID))
+
+
 def tokenize(captions: list[str], length: int = 24) -> np.ndarray:
     """Lower-cased words -> VOCAB ids, int64 [B, length]; unknown words -> 1, padding -> 0; "" is all zeros."""
     ids = np.zeros((len(captions), length), dtype=np.int64)
     for i, caption in enumerate(captions):
-        words = [word.strip(".,;:!?\"'") for word in caption.lower().split()]
-        row = [WORD_ID.get(word, 1) for word in words if word][:length]
+        row = [WORD_ID.get(word, 1) for word in caption_words(caption)][:length]
         ids[i, : len(row)] = row
     return ids
 

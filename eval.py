@@ -50,15 +50,18 @@ import argparse
 import json
 import math
 import os
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from numpy.lib.stride_tricks import sliding_window_view
 
 from data import BACKDROP_COLOURS, BACKDROP_SHADE, OCCLUDER_RGB, PALETTE, SHAPES, DataError, ToyWorld, WorldConfig
 from data import to_float, tokenize
-from sample import DEFAULT_CKPT, Stream, add_args, fail
+from sample import DEFAULT_CKPT, Stream, add_args, fail, interrupt
 
 # ---- config: every threshold, in RGB units (L2 over the three 0..255 channels) or pixels ----------------------
 DETECT_TOL = 40.0     # object pixel: this close to a palette colour (under half of the 83 between the closest two)
@@ -518,7 +521,7 @@ def write_atomic(path, save):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("video", nargs="?", help="video of a ToyWorld scene to score; leave out to sample one from --ckpt")
-    add_args(p)
+    add_args(p, prompt=False)
     p.add_argument("--world", type=int, default=None, help="ToyWorld seed of the scene (with --ckpt default: --seed)")
     p.add_argument("--size", type=int, default=None, help="world frame size (default: 32, or the model's)")
     p.add_argument("--deterministic", action="store_true", help="deterministic world: no camera, occluder, events")
@@ -529,8 +532,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.tf_start < 0 or (args.tf_start and not args.deterministic):
         fail("--tf-start needs a frame count >= 0 and --deterministic (only then is the continuation unique)")
-    if args.prompt is not None:
-        fail("--prompt is not used: the prompt is the caption of the --world scene")
+    if args.fps < 1:
+        fail(f"--fps must be positive (got {args.fps})")
     if args.video and (args.ckpt != DEFAULT_CKPT or args.seconds is not None or args.minutes is not None):
         fail("give a video to score, or --ckpt (with --seconds or --minutes) to sample one, not both")
     if args.video and args.world is None:
@@ -545,17 +548,28 @@ def main(argv=None):
             horizon_s=0.0 if args.no_events or stream else WorldConfig.horizon_s))
     except DataError as e:
         fail(e)
+    if stream and args.tf_start % stream.model.cfg.chunk:
+        fail(f"--tf-start must be whole chunks of {stream.model.cfg.chunk} frames (got {args.tf_start})")
+    if not stream:
+        frames, source = read_frames(args.video, size), args.video
+    try:   # before sampling, so a stream is never lost to a bad --out
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the output folder {args.out}: {e.strerror}")
+    if not os.access(args.out, os.W_OK):
+        fail(f"cannot write into the output folder {args.out}")
     if stream:
-        if args.tf_start % stream.model.cfg.chunk:
-            fail(f"--tf-start must be whole chunks of {stream.model.cfg.chunk} frames (got {args.tf_start})")
         stream.prompt = world.caption(0)
         source = stream.describe() + (f" | teacher-forced {args.tf_start} frames" if args.tf_start else "")
         print(source)
         context = world.render(0, args.tf_start)
         teacher_force(stream, context)
-        frames = np.concatenate([context, *stream.chunks()])
-    else:
-        frames, source = read_frames(args.video, size), args.video
+        parts = [context]
+        with tqdm(total=stream.n_frames, unit="frame", dynamic_ncols=True, desc="sampling") as bar:
+            for chunk in stream.chunks():
+                parts.append(chunk)
+                bar.update(len(chunk))
+        frames = np.concatenate(parts)
     if args.tf_start >= len(frames):
         fail(f"--tf-start {args.tf_start} leaves no frame of the {len(frames)} to score")
 
@@ -564,7 +578,6 @@ def main(argv=None):
     result = {"source": source, "world": {"seed": world.seed, "size": size, "deterministic": args.deterministic,
                                           "events": len(world.events), "caption": world.caption(0)},
               "tf_start": args.tf_start, **result, "reference": reference}
-    os.makedirs(args.out, exist_ok=True)
     json_path, png_path = os.path.join(args.out, "eval.json"), os.path.join(args.out, "eval.png")
     text = json.dumps(plain(result), allow_nan=False)   # one line: the curves hold a number per frame
     write_atomic(json_path, lambda path: Path(path).write_text(text))
@@ -575,4 +588,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"eval.py: error: interrupted; nothing written", file=sys.stderr)
+        sys.exit(130)

@@ -1,9 +1,9 @@
 """
 The KV cache of the streaming model, and the policies that decide what it keeps and where it sits in time.
 
-Per layer and per cached frame the cache stores keys and values *before* RoPE, plus a per-frame descriptor
-(the mean key over the frame's tokens, per head), which top-k history routing and surprisal-gated memory use.
-Positions are assigned when the cache is read, so each policy is a few lines:
+Per layer and per cached frame the cache stores keys and values *before* RoPE (top-k history routing scores
+frames by their mean key *after* RoPE, which it recomputes on every call: attention.route). Positions are
+assigned when the cache is read, so each policy is a few lines:
 
   full     keep every frame at its absolute position. Memory and per-chunk cost grow linearly, and once the
            stream is longer than the training clip the model sees distances it never trained on: the
@@ -54,7 +54,6 @@ class KVCache:
         self.cfg = cfg
         self.k = [None] * depth        # per layer (B, Fc, L, H, hd)
         self.v = [None] * depth
-        self.desc = [None] * depth     # per layer (B, Fc, H, hd): mean key of each frame
         self.frames = []               # absolute index of each cached frame, oldest first
         self.next_frame = 0            # absolute index of the next frame the stream will produce
 
@@ -71,10 +70,6 @@ class KVCache:
             query = torch.arange(len(self.frames), len(self.frames) + n)
         return cached, query
 
-    def sink_count(self) -> int:
-        """How many of the cached frames are sink frames (always attended, never routed away)."""
-        return sum(f < self.cfg.sink for f in self.frames) if self.cfg.policy == "sink" else 0
-
     def kv(self, layer: int):
         """(k, v) of layer `layer` as (B, Fc*L, H, hd) each, or None while the cache is empty."""
         if self.k[layer] is None:
@@ -86,10 +81,8 @@ class KVCache:
         """Add n finished frames: kvs holds one (k, v) per layer, each (B, n*L, H, hd). Then evict."""
         for i, (k, v) in enumerate(kvs):
             k, v = k.detach().unflatten(1, (n, -1)), v.detach().unflatten(1, (n, -1))   # (B, n, L, H, hd)
-            d = k.float().mean(dim=2)
             self.k[i] = k if self.k[i] is None else torch.cat([self.k[i], k], dim=1)
             self.v[i] = v if self.v[i] is None else torch.cat([self.v[i], v], dim=1)
-            self.desc[i] = d if self.desc[i] is None else torch.cat([self.desc[i], d], dim=1)
         self.frames += range(self.next_frame, self.next_frame + n)
         self.next_frame += n
         self._evict()
@@ -100,7 +93,7 @@ class KVCache:
             return
         idx = torch.tensor(keep, device=self.k[0].device)
         for i in range(len(self.k)):
-            self.k[i], self.v[i], self.desc[i] = (t.index_select(1, idx) for t in (self.k[i], self.v[i], self.desc[i]))
+            self.k[i], self.v[i] = self.k[i].index_select(1, idx), self.v[i].index_select(1, idx)
         self.frames = [self.frames[j] for j in keep]
 
     def _keep(self) -> list[int]:
@@ -113,4 +106,4 @@ class KVCache:
         return sink + recent
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in (self.k, self.v, self.desc) for t in ts if t is not None)
+        return sum(t.numel() * t.element_size() for ts in (self.k, self.v) for t in ts if t is not None)

@@ -18,6 +18,7 @@ Keys are returned *before* RoPE so the cache can store them position-free (memor
 import glob
 import math
 import os
+import zipfile
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,6 +45,7 @@ class DiTConfig:
     text_layers: int = 2      # small self-attention stack over the prompt words
     rope_theta: float = 10000.0
     topk: int = 0             # history routing: each query attends to its top-k history frames (0 = all of them)
+    route_sink: int = 0       # the first route_sink frames of a clip or stream are always attended, never routed
 
     @property
     def tokens_per_frame(self) -> int:
@@ -258,8 +260,9 @@ class DiT(nn.Module):
         assert x.dim() == 5 and x.shape[2:] == (self.cfg.channels, self.cfg.height, self.cfg.width), x.shape
         assert sigma.shape == x.shape[:2], f"sigma {tuple(sigma.shape)} must be (B, F) = {tuple(x.shape[:2])}"
         h = self.patch_embed(patchify(x, self.cfg.patch))
-        t = self.time_embed(timestep_embedding(sigma).to(h.dtype))
-        return h, t, self.time_proj(t).unflatten(-1, (6, -1))
+        with torch.autocast(x.device.type, enabled=False):   # time embedding and modulation in fp32, as Wan
+            t = self.time_embed(timestep_embedding(sigma))
+            return h, t, self.time_proj(t).unflatten(-1, (6, -1))
 
     def _head(self, h, t):
         shift, scale = (self.head_modulation + t.unsqueeze(2)).unsqueeze(2).unbind(3)   # (B, F, 1, D)
@@ -273,8 +276,8 @@ class DiT(nn.Module):
             return None
         if self.cfg.topk > 0:
             assert window is None, "history routing replaces the window; use one or the other"
-            return Routing(routing_table(layout, frames, self.cfg.chunk), self.cfg.tokens_per_frame,
-                           self.cfg.topk)
+            return Routing(routing_table(layout, frames, self.cfg.chunk, self.cfg.route_sink),
+                           self.cfg.tokens_per_frame, self.cfg.topk)
         key = (layout, frames, window, str(device))
         if key not in self._masks:
             table = frame_mask(layout, frames, self.cfg.chunk, window)
@@ -325,7 +328,8 @@ class DiT(nn.Module):
         ang_k = rope_angles(self.cfg, torch.cat([cache_pos, query_pos]).to(x.device))
         mask = None   # the chunk sees the whole cache and itself, unless routing picks among the history
         if self.cfg.topk > 0 and len(cache):
-            table = cache_table(len(cache), cache.sink_count(), n)   # stays on the host: the kernel plans from it
+            sinks = sum(f < self.cfg.route_sink for f in cache.frames)   # the same rule as routing_table's
+            table = cache_table(len(cache), sinks, n)   # stays on the host: the kernel plans from it
             mask = Routing(table, self.cfg.tokens_per_frame, self.cfg.topk)
         new_kv = []
         for i, block in enumerate(self.blocks):
@@ -366,10 +370,13 @@ def load_checkpoint(path: str) -> dict:
         path = found
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):   # torch.save writes a zip; anything else is not a checkpoint at all
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file (no zip archive)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # torch raises many kinds (pickle, zip, EOF) for a damaged file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot read checkpoint {path} (damaged or not ours): {type(e).__name__}: {first}")
     missing = [k for k in ("model", "ema", "config", "method", "step") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not a nanoforcing checkpoint (missing {', '.join(missing)})")
@@ -377,10 +384,37 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def check_same_model(ckpt: dict, cfg: DiTConfig):
+    """Raise CheckpointError unless the checkpoint holds weights of exactly cfg's shapes (routing may differ)."""
+    theirs, ours = dict(ckpt["config"]), asdict(cfg)
+    differ = [k for k in ours if k not in ("topk", "route_sink") and theirs.get(k) != ours[k]]
+    if differ:
+        have = ", ".join(f"{k} {theirs.get(k)}" for k in differ)
+        want = ", ".join(f"{k} {ours[k]}" for k in differ)
+        raise CheckpointError(f"{ckpt['path']} is another model size ({have}; this run needs {want})")
+
+
 def model_from_checkpoint(ckpt: dict, ema: bool = True) -> DiT:
     model = DiT(DiTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["ema" if ema else "model"])
     return model
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device: None picks CUDA when there is one, else the CPU. Raises ValueError for anything unusable."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is not a device this code runs on (cpu, cuda, cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but this machine has no CUDA GPU (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def forward_flops(cfg: DiTConfig, query_frames: int, key_frames: int) -> float:

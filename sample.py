@@ -11,6 +11,7 @@ frames, wall time, frames/s, the latency of the first chunk and the cache size.
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -18,10 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import ToyWorld, WorldConfig, to_uint8, tokenize
+from data import VOCAB, ToyWorld, WorldConfig, to_uint8, tokenize, unknown_words
 from forcing import SamplerConfig, rollout
 from memory import POLICIES, KVCache, MemoryConfig
-from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from model import CheckpointError, load_checkpoint, model_from_checkpoint, pick_device
 
 # ---- defaults: one block, every value is a flag below ------------------------------------------------------
 DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "default.pt")
@@ -34,8 +35,8 @@ CFG = 3.0           # classifier-free guidance scale
 SCALE = 4           # nearest-neighbour upscaling of the written frames, so 32x32 frames are watchable
 
 
-def add_args(p):
-    """The sampling options, shared with eval.py."""
+def add_args(p, prompt=True):
+    """The sampling options, shared with eval.py (which prompts with its world's caption: prompt=False)."""
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint file, or a run directory (its latest)")
     p.add_argument("--seconds", type=float, default=None, help=f"length of the video (default {SECONDS:g})")
     p.add_argument("--minutes", type=float, default=None, help="length of the video in minutes")
@@ -43,7 +44,8 @@ def add_args(p):
     p.add_argument("--memory", default=MEMORY, help=f"KV cache policy: {', '.join(POLICIES)}")
     p.add_argument("--window", type=int, default=None, help="recent frames kept (default: fill the trained range)")
     p.add_argument("--sink", type=int, default=None, help="sink frames kept for good (default: one chunk)")
-    p.add_argument("--prompt", default=None, help="caption (default: the caption of ToyWorld scene --seed)")
+    if prompt:
+        p.add_argument("--prompt", default=None, help="caption (default: the caption of ToyWorld scene --seed)")
     p.add_argument("--sampler", default=None, choices=("euler", "few"),
                    help="euler: many-step flow ODE with guidance; few: predict x0 and re-noise (distilled models). "
                         "Default: the one the checkpoint's method was trained for")
@@ -52,17 +54,21 @@ def add_args(p):
     p.add_argument("--topk", type=int, default=None,
                    help="history routing: top-k history frames per query (0 = dense; default: as trained)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+
+
+PROG = os.path.basename(sys.argv[0]) or "sample.py"
 
 
 def fail(msg):
-    raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'sample.py'}: error: {msg}")
+    raise SystemExit(f"{PROG}: error: {msg}")
 
 
 class Stream:
     """A validated, loaded model ready to stream: iterate `chunks()` for uint8 frames (n, H, W, 3)."""
 
-    def __init__(self, args):
+    def __init__(self, args, prompt=None):
+        """prompt: the caption to stream (default: --prompt, else the caption of ToyWorld scene --seed)."""
         if args.seconds is not None and args.minutes is not None:
             fail("give --seconds or --minutes, not both")
         seconds = args.minutes * 60 if args.minutes is not None else (args.seconds if args.seconds is not None
@@ -71,32 +77,46 @@ class Stream:
             fail(f"the video must be longer than 0 seconds (got {seconds:g})")
         if args.fps < 1 or (args.steps is not None and args.steps < 1):
             fail("--fps and --steps must be positive")
+        self.n_frames = round(seconds * args.fps)
+        if self.n_frames < 1:
+            fail(f"{seconds:g} s at {args.fps} frames/s is no frame at all; ask for at least {1 / args.fps:g} s")
+        if args.cfg < 0:
+            fail(f"--cfg must be >= 0 (1 = no guidance; got {args.cfg:g})")
+        try:
+            self.device = pick_device(args.device)
+        except ValueError as e:
+            fail(e)
         if args.ckpt == DEFAULT_CKPT and not os.path.exists(DEFAULT_CKPT):
-            fail(f"no default model at {os.path.relpath(DEFAULT_CKPT)} yet: train one first with "
-                 f"`python train.py --method teacher --small --out runs/teacher` and pass --ckpt runs/teacher")
+            fail(f"no default model at {os.path.relpath(DEFAULT_CKPT)} yet: train one on this CPU with "
+                 f"`python train.py --method teacher --tiny --out runs/tiny` and pass --ckpt runs/tiny")
         try:
             self.ckpt = ckpt = load_checkpoint(args.ckpt)
         except CheckpointError as e:
             fail(e)
         if ckpt["method"] == "bidirectional":
             fail(f"{ckpt['path']} is a bidirectional clip model (the DMD score), it cannot stream")
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model_from_checkpoint(ckpt).eval().to(self.device)
         cfg = self.model.cfg
-        if args.topk is not None:
-            if args.topk < 0:
-                fail("--topk must be >= 0 (0 = dense attention)")
-            cfg.topk = args.topk
         default_window = cfg.frames - cfg.chunk - (cfg.chunk if args.memory == "sink" else 0)
-        self.memory = MemoryConfig(policy=args.memory, window=args.window or default_window,
+        self.memory = MemoryConfig(policy=args.memory, window=default_window if args.window is None else args.window,
                                    sink=cfg.chunk if args.sink is None else args.sink)
         try:
             self.memory.check(cfg.chunk, cfg.frames)
         except ValueError as e:
             fail(e)
-        self.n_frames = round(seconds * args.fps)
+        if args.topk is not None:
+            history = (None if self.memory.policy == "full" else
+                       self.memory.window + (self.memory.sink if self.memory.policy == "sink" else 0))
+            if args.topk < 0 or (history is not None and args.topk > history):
+                fail(f"--topk must be in 0..{history if history is not None else 'any'}: the {self.memory.policy} "
+                     f"memory holds {history} history frames (0 = dense attention)")
+            cfg.topk = args.topk
         scene = ToyWorld(args.seed, WorldConfig(size=cfg.height))
-        self.prompt = args.prompt if args.prompt is not None else scene.caption(0)
+        self.prompt = prompt if prompt is not None else (vars(args).get("prompt") or scene.caption(0))
+        unknown = unknown_words(self.prompt)
+        if unknown:
+            print(f"{PROG}: warning: not in the vocabulary, read as <unk>: {', '.join(unknown)} (the words the model "
+                  f"knows are data.VOCAB: {' '.join(VOCAB[2:])})", file=sys.stderr)
         kind = args.sampler or SAMPLER[ckpt["method"]]
         steps = args.steps or STEPS[kind]
         self.sampler = SamplerConfig(kind=kind, steps=steps, cfg=args.cfg, shift=ckpt["shift"],
@@ -126,11 +146,29 @@ class Stream:
     def report(self, fps: int) -> str:
         """Per-chunk cost at the start against the end of the stream, and the totals."""
         wall, n = sum(self.times), self.n_frames
-        k = max(1, round(10 * fps / self.model.cfg.chunk))   # chunks in 10 s of video
-        return (f"per chunk: first {k} {1e3 * np.mean(self.times[1:k + 1] or self.times):.1f} ms, last {k} "
+        # chunks in 10 s of video, or half of the stream after the first chunk (warm-up) when it is shorter
+        k = max(1, min(round(10 * fps / self.model.cfg.chunk), (len(self.times) - 1) // 2))
+        first = self.times[1:k + 1] or self.times
+        return (f"per chunk: first {len(first)} {1e3 * np.mean(first):.1f} ms, last {k} "
                 f"{1e3 * np.mean(self.times[-k:]):.1f} ms (the first chunk itself is excluded: warm-up)\n"
                 f"frames {n} | wall {wall:.1f} s | {n / wall:.1f} frames/s | first chunk {self.times[0]:.2f} s | "
                 f"cache {self.cache.nbytes() / 2**20:.2f} MiB")
+
+
+def output_path(path: str) -> str:
+    """Check, before any sampling, that `path` can be written (its folder is created); fail in one line if not."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the output folder {folder}: {e.strerror}")
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        fail(f"cannot write {path}: {'it is a folder' if os.path.isdir(path) else 'the folder is not writable'}")
+    return path
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt   # SIGTERM stops a stream like Ctrl-C: the partial file is removed
 
 
 def main(argv=None):
@@ -141,27 +179,46 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.scale < 1:
         fail("--scale must be positive")
+    out = output_path(args.out)
     stream = Stream(args)
     print(stream.describe())
 
-    import imageio.v2 as imageio
-    tmp = args.out + ".part.mp4"   # renamed only when every frame is written
-    writer = imageio.get_writer(tmp, fps=args.fps, codec="libx264", quality=8, macro_block_size=1,
-                                ffmpeg_params=["-preset", "ultrafast", "-threads", "1"])   # leave the CPU to the model
+    import imageio_ffmpeg
+
+    # frames go to a hidden .part file (no video extension, so no player takes it for a result), renamed at the end
+    tmp = os.path.join(os.path.dirname(out), "." + os.path.basename(out) + ".part")
+    signal.signal(signal.SIGTERM, interrupt)
+    size = (stream.model.cfg.width * args.scale, stream.model.cfg.height * args.scale)
+    writer = imageio_ffmpeg.write_frames(tmp, size, fps=args.fps, codec="libx264", quality=8, macro_block_size=1,
+                                         output_params=["-f", "mp4", "-preset", "ultrafast",
+                                                        "-threads", "1"])   # leave the CPU to the model
     try:
+        writer.send(None)   # starts ffmpeg
         with tqdm(total=stream.n_frames, unit="frame", dynamic_ncols=True) as bar:
             for frames in stream.chunks():
                 for f in frames:
-                    writer.append_data(f.repeat(args.scale, 0).repeat(args.scale, 1))
+                    writer.send(np.ascontiguousarray(f.repeat(args.scale, 0).repeat(args.scale, 1)))
                 bar.update(len(frames))
         writer.close()
-        os.replace(tmp, args.out)
+        os.replace(tmp, out)
+    except KeyboardInterrupt:
+        cleanup(writer, tmp)
+        print(f"{PROG}: error: interrupted; no video written (the partial one was removed)", file=sys.stderr)
+        sys.exit(130)
     except BaseException:
-        writer.close()
-        os.remove(tmp)
+        cleanup(writer, tmp)
         raise
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     print(stream.report(args.fps))
+
+
+def cleanup(writer, tmp):
+    try:
+        writer.close()
+    except Exception:   # ffmpeg may already be gone (it gets the same signal); the file goes either way
+        pass
+    if os.path.exists(tmp):
+        os.remove(tmp)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,22 @@ Train one forcing method of the block-causal DiT on ToyWorld (or on a folder of 
     torchrun --nproc_per_node 4 train.py --method teacher --small
 
 Each run directory gets ckpt_<step>.pt checkpoints (plain dicts, written atomically), and at the end
-samples.png: a strip of frames streamed from the EMA model. --resume continues from the latest checkpoint.
+samples.png: a strip of frames streamed from the EMA model; args.json (the run's settings, also stored in every
+checkpoint) and log.jsonl (one line of loss, gradient norm, learning rate and timing per --log-every steps).
+--resume continues from the latest checkpoint, and only the same run: it refuses changed settings. One run
+directory has one writer at a time (a lock), and a killed run leaves no temporary files behind.
 On CUDA the model runs under bf16 autocast with FlexAttention block masks; on CPU in fp32 with SDPA.
 """
 
 import argparse
 import copy
 import functools
+import json
 import os
+import signal
+import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -24,7 +31,8 @@ from data import DataError, ToyWorld, VideoFolder, WorldConfig, sample_clips, to
 from forcing import (LOSSES, METHODS, PLANNED, ResamplingConfig, SamplerConfig, resampling_loss, rollout,
                      teacher_loss)
 from memory import MemoryConfig
-from model import CheckpointError, DiT, DiTConfig, latest_checkpoint, load_checkpoint, save_checkpoint
+from model import (CheckpointError, DiT, DiTConfig, check_same_model, latest_checkpoint, load_checkpoint, pick_device,
+                   save_checkpoint)
 
 # ---- defaults: one block, every value is a flag below ------------------------------------------------------
 PRESETS = {   # model preset -> training hyper-parameters
@@ -36,6 +44,11 @@ SHIFT = 3.0          # timestep shift of the training noise levels (and of sampl
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
 KEEP_CHECKPOINTS = 2
+MEMORY_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def preset_defaults(key: str) -> str:
+    return ", ".join(f"{name} {values[key]:g}" for name, values in PRESETS.items())
 
 
 def parse(argv=None):
@@ -43,20 +56,26 @@ def parse(argv=None):
     p.add_argument("--method", default="teacher", help=f"training recipe: {', '.join(METHODS)}")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tiny", dest="preset", action="store_const", const="tiny", help="tiny model (CPU, tests)")
-    size.add_argument("--small", dest="preset", action="store_const", const="small", help="small model (default)")
+    size.add_argument("--small", dest="preset", action="store_const", const="small",
+                      help="small model (one GPU; the default when there is one)")
     size.add_argument("--wan", dest="preset", action="store_const", const="wan",
                       help="Wan2.1-1.3B transformer shapes (for measuring; no pretrained weights)")
     p.add_argument("--data", default=None, help="folder of your own videos (mp4/gif) instead of ToyWorld")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per preset)")
-    p.add_argument("--batch", type=int, default=None, help="clips per step over all GPUs (default: per preset)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per preset)")
-    p.add_argument("--warmup", type=int, default=None, help="linear learning-rate warm-up steps (default: per preset)")
-    p.add_argument("--ema", type=float, default=None, help="EMA decay of the sampled weights (default: per preset)")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {preset_defaults('steps')})")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"clips per step over all GPUs (default: {preset_defaults('batch')})")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {preset_defaults('lr')})")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"linear learning-rate warm-up steps (default: {preset_defaults('warmup')})")
+    p.add_argument("--ema", type=float, default=None,
+                   help=f"EMA decay of the sampled weights (default: {preset_defaults('ema')})")
     p.add_argument("--out", default=None, help="run directory for checkpoints (default: runs/<method>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--init", default=None, help="start from this checkpoint's EMA weights")
     p.add_argument("--topk", type=int, default=0,
                    help="history routing: each query attends to its own chunk + its top-k history frames (0 = dense)")
+    p.add_argument("--route-sink", type=int, default=0,
+                   help="history routing: the first N frames are always attended, in training and streaming")
     rs = p.add_argument_group("resampling")
     rs.add_argument("--resample-mode", default="autoregressive", choices=("autoregressive", "parallel", "noise"),
                     help="how the history is degraded (the rows of the paper's Table 2)")
@@ -64,16 +83,24 @@ def parse(argv=None):
     rs.add_argument("--resample-steps", type=int, default=4, help="Euler steps that finish a resampled chunk")
     rs.add_argument("--resample-warmup", type=int, default=None,
                     help="teacher-forcing steps before resampling starts (default: 10%% of --steps)")
-    p.add_argument("--log-every", type=int, default=None, help="steps between progress lines (default: per preset)")
-    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: per preset)")
+    p.add_argument("--log-every", type=int, default=None,
+                   help=f"steps between progress lines (default: {preset_defaults('log_every')})")
+    p.add_argument("--save-every", type=int, default=None,
+                   help=f"steps between checkpoints (default: {preset_defaults('save_every')})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: 0 on CPU, 6 on GPU)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.set_defaults(preset="small")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     args = p.parse_args(argv)
+    args.preset_note = None
+    if args.preset is None:   # the GPU preset would take days a run on a CPU
+        args.preset = "small" if torch.cuda.is_available() else "tiny"
+        if args.preset == "tiny":
+            args.preset_note = "no size flag and no GPU here: training the --tiny model (--small is the one-GPU preset)"
     for k, v in PRESETS[args.preset].items():   # flags left unset take the preset's value
         if vars(args)[k] is None:
             setattr(args, k, v)
+    if args.resample_warmup is None:            # resolved now, so it is stored with the run and never drifts
+        args.resample_warmup = args.steps // 10
     args.out = args.out or os.path.join("runs", f"{args.method}-{args.preset}")
     return args
 
@@ -87,14 +114,59 @@ def check(args):
         raise SystemExit(f"train.py: error: unknown --method {args.method!r} (available: {built})")
     if min(args.steps, args.batch, args.log_every, args.save_every) < 1 or args.lr <= 0 or args.warmup < 0:
         raise SystemExit("train.py: error: --steps, --batch, --lr, --log-every and --save-every must be positive")
-    if args.topk < 0:
-        raise SystemExit("train.py: error: --topk must be >= 0 (0 = dense attention)")
-    if args.resample_steps < 1 or args.resample_shift <= 0:
-        raise SystemExit("train.py: error: --resample-steps and --resample-shift must be positive")
+    cfg = DiTConfig.preset(args.preset)
+    history = cfg.frames - cfg.chunk   # history frames the last chunk of a training clip has
+    if not 0 <= args.route_sink <= history:
+        raise SystemExit(f"train.py: error: --route-sink must be in 0..{history} (the history of a training clip)")
+    if not 0 <= args.topk <= history - args.route_sink:
+        raise SystemExit(f"train.py: error: --topk {args.topk} must be in 0..{history - args.route_sink}: a training "
+                         f"clip has {history} history frames{f', {args.route_sink} of them sinks' if args.route_sink else ''}"
+                         f" (0 = dense attention)")
+    if args.resample_steps < 1 or args.resample_shift <= 0 or args.resample_warmup < 0:
+        raise SystemExit("train.py: error: --resample-steps and --resample-shift must be positive, "
+                         "--resample-warmup >= 0")
     if not 0 <= args.ema < 1:
         raise SystemExit(f"train.py: error: --ema must be in [0, 1) (got {args.ema})")
+    clip_bytes = args.batch * cfg.frames * cfg.channels * cfg.height * cfg.width * 4
+    if clip_bytes > MEMORY_BYTES / 4:
+        raise SystemExit(f"train.py: error: --batch {args.batch} needs {clip_bytes / 2**30:.1f} GiB for its clips "
+                         f"alone; this machine has {MEMORY_BYTES / 2**30:.0f} GiB")
+    try:
+        pick_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: {e}")
     if args.resume and latest_checkpoint(args.out) is None:
         raise SystemExit(f"train.py: error: --resume found no checkpoint (ckpt_*.pt) in {args.out}")
+    if args.resume and args.init:
+        raise SystemExit("train.py: error: --resume continues a run, --init starts one: give one of them")
+    if args.init:
+        try:
+            check_same_model(load_checkpoint(args.init), cfg)
+        except CheckpointError as e:
+            raise SystemExit(f"train.py: error: --init: {e}")
+
+
+def settings(args) -> dict:
+    """What defines a run: every flag that changes the trained weights (not where or how often it reports)."""
+    skip = ("out", "resume", "init", "log_every", "save_every", "workers", "device", "preset_note")
+    return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+
+
+def check_resume(ckpt: dict, args):
+    """Refuse, in one line, a resume that would not continue the same run."""
+    stored = ckpt.get("args")
+    if stored is None:   # a checkpoint from before runs stored their settings
+        raise SystemExit(f"train.py: error: {ckpt['path']} does not record its run's settings; start a new run "
+                         f"from it with --init instead")
+    ours = settings(args)
+    differ = [k for k in sorted(set(stored) | set(ours)) if stored.get(k) != ours.get(k)]
+    if differ:
+        flags = ", ".join(f"--{k.replace('_', '-')} {ours.get(k)} (the run has {stored.get(k)})" for k in differ)
+        raise SystemExit(f"train.py: error: --resume must continue the same run, but {flags}; "
+                         f"start a new run from it with --init instead")
+    if ckpt["step"] >= args.steps:
+        raise SystemExit(f"train.py: error: {ckpt['path']} is already at step {ckpt['step']} of {args.steps}: "
+                         f"the run is finished")
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -148,20 +220,54 @@ def sample_strip(model, path, seconds=2.0, prompts=2, seed=0):
     video = torch.cat(list(rollout(model, tokens, n, memory, SamplerConfig(shift=SHIFT), g)), 1)[:, :n]
     frames = to_uint8(video[:, ::max(1, n // 16)].float().cpu().numpy())         # (P, 16, H, W, 3)
     rows = [np.concatenate(list(f), axis=1) for f in frames]
-    iio.imwrite(path, np.concatenate(rows, axis=0).repeat(2, 0).repeat(2, 1))
+    iio.imwrite(path + ".tmp", np.concatenate(rows, axis=0).repeat(2, 0).repeat(2, 1), extension=".png")
+    os.replace(path + ".tmp", path)
 
 
-def gather_rng_states() -> list:
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, torch.get_rng_state())
-    return states
+def rng_states(device) -> dict:
+    """The generators the losses draw their noise from, on this rank."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def gather(obj, ddp: bool) -> list:
+    if not ddp:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Each rank its own noise stream (sigma, eps, t_s, prompt dropout); weights are drawn before, from `seed`."""
+    return int(np.random.SeedSequence([seed, rank, 1]).generate_state(1)[0])
+
+
+def lock_run_directory(out: str):
+    """Hold an exclusive lock on the run directory until the process exits; refuse a second writer."""
+    import fcntl
+
+    os.makedirs(out, exist_ok=True)
+    handle = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise SystemExit(f"train.py: error: another training (pid {handle.read().strip() or '?'}) is writing to "
+                         f"{out}; give this one another --out")
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    for name in os.listdir(out):   # temporaries of a run that was killed mid-write
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(out, name))
+    return handle
 
 
 # ---- training ----------------------------------------------------------------------------------------------
 def train(args):
     """Train and return the (unwrapped) model. Works alone or as one rank of torchrun."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -175,27 +281,36 @@ def train(args):
         raise SystemExit(f"train.py: error: --batch {args.batch} must divide by the {world_size} processes")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    lock = lock_run_directory(args.out) if master else None
 
     cfg = DiTConfig.preset(args.preset)
-    cfg.topk = args.topk
+    cfg.topk, cfg.route_sink = args.topk, args.route_sink
     if args.data and cfg.channels != 3:
         raise SystemExit(f"train.py: error: --data needs an RGB model; --{args.preset} expects {cfg.channels}-channel latents")
     folder = VideoFolder(args.data, size=cfg.height, frames=cfg.frames) if args.data else None
     torch.manual_seed(args.seed)   # identical initial weights on every rank
     model = DiT(cfg).to(device)
     if args.init:
-        model.load_state_dict(load_checkpoint(args.init)["ema"])
+        model.load_state_dict(load_checkpoint(args.init)["ema"])   # its size was checked by check()
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=WEIGHT_DECAY)
+    torch.manual_seed(rank_seed(args.seed, rank))   # from here on, the noise of the losses: its own per rank
     step = 0
     if args.resume:
         ckpt = load_checkpoint(latest_checkpoint(args.out))
-        if ckpt["method"] != args.method or ckpt["config"] != vars(cfg):
+        if ckpt["method"] != args.method or ckpt["config"] != asdict(cfg):
             raise SystemExit(f"train.py: error: {ckpt['path']} was trained with another method or model size")
+        check_resume(ckpt, args)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if len(ckpt["rng"]) != world_size:
+            raise SystemExit(f"train.py: error: {ckpt['path']} was written by {len(ckpt['rng'])} processes; resume it "
+                             f"with as many (this is {world_size})")
+        state = ckpt["rng"][rank]
+        torch.set_rng_state(state["cpu"])
+        if device.type == "cuda" and state["cuda"] is not None:
+            torch.cuda.set_rng_state(state["cuda"], device)
         step = ckpt["step"]
         if master:
             print(f"resumed from {ckpt['path']} at step {step}")
@@ -205,16 +320,17 @@ def train(args):
     data = batches(cfg, args.batch // world_size, args.seed * 1000 + rank, folder, workers, step)
     loss_fn = LOSSES[args.method]
     if args.method == "resampling":
-        warmup = args.resample_warmup if args.resample_warmup is not None else args.steps // 10
-        rs = ResamplingConfig(args.resample_mode, args.resample_shift, args.resample_steps, warmup)
+        rs = ResamplingConfig(args.resample_mode, args.resample_shift, args.resample_steps, args.resample_warmup)
         loss_fn = functools.partial(resampling_loss, cfg=rs, resampler=model)
     if master:
-        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(settings(args), f, indent=1)
         n = sum(p.numel() for p in model.parameters())
         print(f"{args.method} | {args.preset} {n / 1e6:.2f}M params | {cfg.frames} frames x "
               f"{cfg.tokens_per_frame} tokens | batch {args.batch} on {world_size} x {device.type} | out {args.out}")
+        log = open(os.path.join(args.out, "log.jsonl"), "a")
 
-    t0, seen, losses = time.time(), 0, []
+    t0, seen, losses, start = time.time(), 0, [], time.time()
     while step < args.steps:
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         for group in opt.param_groups:
@@ -238,30 +354,49 @@ def train(args):
             eta = dt / len(losses) * (args.steps - step)
             print(f"step {step:6d}/{args.steps} | loss {np.mean(losses):.4f} | grad {gnorm:.3f} | lr {lr:.2e} | "
                   f"{dt / len(losses):.3f} s/step | {seen / dt:.0f} frames/s | eta {eta / 60:.1f} min", flush=True)
+            log.write(json.dumps({"step": step, "loss": float(np.mean(losses)), "grad": float(gnorm), "lr": lr,
+                                  "s_per_step": dt / len(losses), "wall_s": time.time() - start}) + "\n")
+            log.flush()
             t0, seen, losses = time.time(), 0, []
         if step % args.save_every == 0 or step == args.steps:
-            rng = gather_rng_states() if ddp else [torch.get_rng_state()]   # noise of the losses, per rank
+            rng = gather(rng_states(device), ddp)   # the noise of the losses, per rank
             if master:
                 save_checkpoint(os.path.join(args.out, f"ckpt_{step:07d}.pt"), model, ema, opt, args.method, step,
-                                {"shift": SHIFT, "rng": rng})
+                                {"shift": SHIFT, "rng": rng, "args": settings(args)})
                 for old in sorted(p for p in os.listdir(args.out) if p.startswith("ckpt_"))[:-KEEP_CHECKPOINTS]:
                     os.remove(os.path.join(args.out, old))
     if master and args.method != "bidirectional" and cfg.channels == 3:   # a clip model does not stream
-        sample_strip(ema.eval(), os.path.join(args.out, "samples.png"))
-        print(f"wrote {os.path.join(args.out, 'samples.png')}")
+        path = os.path.join(args.out, "samples.png")
+        print(f"streaming {path} from the EMA model ...", flush=True)
+        sample_strip(ema.eval(), path)
+        print(f"wrote {path}")
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
     return model
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt   # SIGTERM ends a run like Ctrl-C: one line, nothing half-written
+
+
 def main(argv=None):
     args = parse(argv)
     check(args)
+    if args.preset_note:
+        print(f"train.py: {args.preset_note}")
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         train(args)
     except (DataError, CheckpointError) as e:
         raise SystemExit(f"train.py: error: {e}")
+    except MemoryError:
+        raise SystemExit(f"train.py: error: out of memory; try a smaller --batch than {args.batch}")
+    except KeyboardInterrupt:
+        found = latest_checkpoint(args.out)
+        print(f"train.py: error: interrupted; " + (f"--resume continues from {found}" if found else
+              "no checkpoint was written yet"), file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """The two commands end to end: train -> checkpoint -> resume -> stream to mp4, DDP, and clear errors."""
 
+import json
+import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import imageio.v2 as imageio
 import pytest
@@ -49,61 +53,171 @@ def test_train_then_sample_gives_exact_frame_count(trained, tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight, split = str(tmp_path / "a"), str(tmp_path / "b")
-    assert run("train.py", "--tiny", "--steps", "8", "--out", straight).returncode == 0
-    assert run("train.py", "--tiny", "--steps", "4", "--out", split).returncode == 0
-    r = run("train.py", "--tiny", "--steps", "8", "--out", split, "--resume")
+    out = str(tmp_path / "run")
+    assert run("train.py", "--tiny", "--steps", "8", "--save-every", "4", "--out", out).returncode == 0
+    last = os.path.join(out, "ckpt_0000008.pt")
+    a = torch.load(last, weights_only=True)
+    os.remove(last)   # as if the run had been killed after its step-4 checkpoint
+    r = run("train.py", "--tiny", "--steps", "8", "--save-every", "4", "--out", out, "--resume")
     assert r.returncode == 0 and "resumed" in r.stdout and "at step 4" in r.stdout, r.stdout + r.stderr
-    a = torch.load(os.path.join(straight, "ckpt_0000008.pt"), weights_only=True)
-    b = torch.load(os.path.join(split, "ckpt_0000008.pt"), weights_only=True)
-    assert a["step"] == b["step"] == 8
+    b = torch.load(last, weights_only=True)
+    assert a["step"] == b["step"] == 8 and a["args"] == b["args"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
         assert torch.equal(a["ema"][k], b["ema"][k]), k
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [e["step"] for e in log] == [8, 8] and all(math.isfinite(e["loss"]) for e in log)
+    # the same run only: changed settings, or a run already finished, are refused in one line
+    one_line_error(run("train.py", "--tiny", "--steps", "16", "--out", out, "--resume"), "--steps 16", "has 8")
+    one_line_error(run("train.py", "--tiny", "--steps", "8", "--lr", "0.1", "--out", out, "--resume"), "--lr")
+    one_line_error(run("train.py", "--tiny", "--steps", "8", "--out", out, "--resume"), "already at step 8")
 
 
-def test_bad_input_gives_one_clear_line(trained, tmp_path):
-    one_line_error(run("train.py", "--method", "nonsense", "--tiny"), "unknown --method")
-    one_line_error(run("train.py", "--method", "self", "--tiny"), "not built yet")
-    one_line_error(run("sample.py", "--ckpt", str(tmp_path / "missing.pt")), "not found")
-    bad = tmp_path / "corrupt.pt"
-    bad.write_bytes(b"this is not a checkpoint" * 100)
-    one_line_error(run("sample.py", "--ckpt", str(bad)), "cannot read checkpoint")
+# Bad input, one row each: (command, words the one error line must name). {ckpt} is a trained tiny run, {tmp} a
+# fresh folder, {file} a plain file there (so "{file}/x" is a folder that cannot be made, even by root), and
+# {out} the output the command names, which must not exist afterwards.
+BAD_INPUT = [
+    ("train.py --method nonsense --tiny", "unknown --method"),
+    ("train.py --method self --tiny", "not built yet"),
+    ("train.py --tiny --topk 7", "--topk 7", "history frames"),
+    ("train.py --tiny --route-sink 9", "--route-sink"),
+    ("train.py --tiny --batch 1000000000", "--batch", "GiB"),
+    ("train.py --tiny --device tpu", "--device"),
+    ("train.py --tiny --device cuda", "no CUDA"),
+    ("train.py --small --steps 1 --init {ckpt} --out {out}", "another model size"),
+    ("train.py --tiny --steps 1 --resume --init {ckpt} --out {out}", "--resume"),
+    ("sample.py --ckpt {tmp}/missing.pt --out {out}", "not found"),
+    ("sample.py --ckpt {tmp}/garbage.pt --out {out}", "not a PyTorch checkpoint"),
+    ("sample.py --ckpt {ckpt} --seconds 0 --out {out}", "seconds"),
+    ("sample.py --ckpt {ckpt} --seconds 0.01 --out {out}", "no frame"),
+    ("sample.py --ckpt {ckpt} --window 0 --out {out}", "window"),
+    ("sample.py --ckpt {ckpt} --cfg -1 --out {out}", "--cfg"),
+    ("sample.py --ckpt {ckpt} --topk 9 --out {out}", "--topk"),
+    ("sample.py --ckpt {ckpt} --device tpu --out {out}", "--device"),
+    ("sample.py --ckpt {ckpt} --device cuda --out {out}", "no CUDA"),
+    ("sample.py --ckpt {ckpt} --out {file}/x/v.mp4", "cannot create the output folder"),
+    ("eval.py {tmp}/v.mp4 --world 0 --fps 0 --out {out}", "--fps"),
+    ("eval.py {tmp}/v.mp4 --world 0 --fps -2 --out {out}", "--fps"),
+    ("eval.py --ckpt {ckpt} --seconds 0.01 --out {out}", "no frame"),
+    ("eval.py --ckpt {ckpt} --out {file}/x", "cannot create the output folder"),
+    ("eval.py --ckpt {ckpt} --prompt red --out {out}", "--prompt"),
+    ("compare.py a={tmp}/partial --out {out}", "missing"),
+    ("compare.py a={tmp}/partial --out {file}/x/plot.png", "cannot"),
+]
+
+
+@pytest.mark.parametrize("row", BAD_INPUT, ids=lambda row: row[0])
+def test_bad_input_gives_one_clear_line(trained, tmp_path, row):
+    command, *words = row
+    (tmp_path / "file").write_text("")
+    (tmp_path / "garbage.pt").write_bytes(b"this is not a checkpoint" * 100)
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "eval.json").write_text('{"frames": 10, "fps": 16, "figures": {}}')
+    out = tmp_path / "result"
+    args = command.format(ckpt=trained, tmp=tmp_path, file=tmp_path / "file", out=out).split()
+    one_line_error(run(*args), *words)
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if "part" in p and p != "partial"]
+
+
+def test_unreadable_data_and_missing_default_model(tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
     (videos / "clip.mp4").write_bytes(b"\x00" * 1000)
     one_line_error(run("train.py", "--tiny", "--steps", "1", "--data", str(videos), "--out", str(tmp_path / "r")),
                    str(videos))
     if not os.path.exists(os.path.join(ROOT, "checkpoints", "default.pt")):   # until a default model is shipped
-        one_line_error(run("sample.py", "--seconds", "1"), "train.py")
-    out = tmp_path / "zero.mp4"
-    one_line_error(run("sample.py", "--ckpt", trained, "--seconds", "0", "--out", str(out)), "seconds")
-    assert not out.exists()
+        one_line_error(run("sample.py", "--seconds", "1"), "train.py", "--tiny")
+
+
+def test_help_shows_preset_defaults_and_only_the_flags_a_command_takes():
+    assert "tiny 300, small 20000" in run("train.py", "--help").stdout
+    assert "--prompt" not in run("eval.py", "--help").stdout
+    assert "--prompt" in run("sample.py", "--help").stdout
+
+
+def test_unknown_words_are_named_and_the_stream_still_runs(trained, tmp_path):
+    r = run("sample.py", "--ckpt", trained, "--seconds", "0.25", "--prompt", "a purple elephant over grey dots",
+            "--out", str(tmp_path / "new" / "folder" / "v.mp4"))   # a missing folder is created
+    assert r.returncode == 0, r.stderr
+    warning = [l for l in r.stderr.splitlines() if "warning:" in l]
+    assert len(warning) == 1 and "purple, elephant" in warning[0] and "VOCAB" in warning[0]
+    assert (tmp_path / "new" / "folder" / "v.mp4").exists()
+
+
+def test_one_writer_per_run_directory_and_stale_temporaries_cleaned(tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:   # as a training that is still running holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        one_line_error(run("train.py", "--tiny", "--steps", "1", "--out", str(out)), "another training")
+    assert not (out / "ckpt_0000001.pt").exists()
+    (out / "ckpt_0000005.pt.tmp").write_bytes(b"")   # left by a run killed mid-write
+    r = run("train.py", "--steps", "1", "--out", str(out))   # and no size flag on a CPU: the tiny preset, said first
+    assert r.returncode == 0, r.stderr
+    assert "--tiny" in r.stdout.splitlines()[0]
+    assert not (out / "ckpt_0000005.pt.tmp").exists() and (out / "ckpt_0000001.pt").exists()
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stopped_stream_leaves_nothing_and_says_one_line(trained, tmp_path, sig):
+    out = tmp_path / "v.mp4"
+    p = subprocess.Popen([sys.executable, "sample.py", "--ckpt", trained, "--minutes", "5", "--out", str(out)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (tmp_path / ".v.mp4.part").exists())
+    p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=60)
+    one_line_error(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), "interrupted")
+    assert os.listdir(tmp_path) == []
+
+
+def test_stopped_training_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "train.py", "--tiny", "--steps", "1000", "--save-every", "1",
+                          "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: out.exists() and any(n.startswith("ckpt_") and n.endswith(".pt") for n in os.listdir(out)))
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=60)
+    one_line_error(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), "interrupted", "--resume")
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
 
 def _ddp_worker(rank, world_size, port, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     sys.path.insert(0, ROOT)
+    import forcing
     import train
 
+    drawn = []   # the noise levels this rank's losses draw
+    chunk_sigma = forcing.chunk_sigma
+    forcing.chunk_sigma = lambda *a, **k: drawn.append(chunk_sigma(*a, **k)) or drawn[-1]
     torch.set_num_threads(1)
     args = train.parse(["--method", "teacher", "--tiny", "--steps", "3", "--batch", "4", "--device", "cpu",
                         "--out", os.path.join(out, "run"), "--seed", "1"])
     model = train.train(args)
-    torch.save(model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    torch.save({"weights": model.state_dict(), "sigma": torch.cat(drawn)}, os.path.join(out, f"rank{rank}.pt"))
 
 
-def test_ddp_two_processes_keep_identical_weights(tmp_path):
+def test_ddp_two_processes_keep_identical_weights_and_draw_their_own_noise(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    start = torch.load(tmp_path / "run" / "ckpt_0000003.pt", weights_only=True)
-    assert all(torch.equal(w0[k], w1[k]) for k in w0)
-    assert start["step"] == 3
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "run" / "ckpt_0000003.pt", weights_only=True)
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2   # every rank's generators, for --resume
+    assert r0["sigma"].shape == r1["sigma"].shape and not torch.equal(r0["sigma"], r1["sigma"])
 
 
 def test_resampling_trains_end_to_end_then_streams(tmp_path):

@@ -123,3 +123,20 @@ def test_autoregressive_resampling_conditions_on_degraded_history():
         assert (a[:, :c] - b[:, :c]).abs().max() > 1e-3                  # chunk 0 itself always moves
         moved = (a[:, c:2 * c] - b[:, c:2 * c]).abs().max().item()
         assert (moved > 1e-4) == depends, (mode, moved)
+
+
+@pytest.mark.parametrize("mode", ["noise", "parallel", "autoregressive"])
+def test_resampled_history_is_labelled_clean_as_at_inference(mode):
+    # at inference the history is re-cached at sigma 0, so training must label it 0 too, in every Table 2 row
+    torch.manual_seed(0)
+    cfg = DiTConfig.preset("tiny")
+    model = DiT(cfg)
+    seen = []
+    embed = model._embed
+    model._embed = lambda x, sigma: seen.append(sigma) or embed(x, sigma)
+    x0 = torch.randn(2, cfg.frames, 3, cfg.height, cfg.width)
+    tokens = torch.randint(2, cfg.vocab, (2, cfg.text_len))
+    LOSSES["resampling"](model, x0, tokens, 3.0, cfg=ResamplingConfig(mode=mode))
+    sigma = seen[-1]                                          # the training forward: [history | noisy] frames
+    assert sigma.shape == (2, 2 * cfg.frames)
+    assert (sigma[:, :cfg.frames] == 0).all() and (sigma[:, cfg.frames:] > 0).all()

@@ -158,14 +158,26 @@ def test_routing_with_k_covering_history_is_dense():
 
 
 @pytest.mark.parametrize("topk", [1, 2])
-def test_routed_streaming_equals_routed_full_forward(topk):
-    # the same keys at the same positions give the same scores, so the cache picks what the full forward picks
+@pytest.mark.parametrize("policy,route_sink", [("full", 0), ("sink", 0), ("sink", 2)])
+def test_routed_streaming_equals_routed_full_forward(topk, policy, route_sink):
+    # the same keys at the same positions give the same scores, so the cache picks what the full forward picks;
+    # and one rule decides which frames are never routed away (the model's route_sink), whatever the memory keeps
     model, cfg, x, clean, sigma, tokens = make(frames=12)
-    routed(model, topk)
-    cache = KVCache(MemoryConfig(policy="full"), cfg.depth)
+    routed(model, topk).cfg.route_sink = route_sink
+    cache = KVCache(MemoryConfig(policy=policy, sink=2, window=10), cfg.depth)   # nothing evicted in 12 frames
     c = cfg.chunk
     tf = model(x, sigma, tokens, layout="teacher_forcing", clean=clean)
     for j in range(x.shape[1] // c):
         streamed = model.forward_cached(x[:, j * c:(j + 1) * c], sigma[:, j * c:(j + 1) * c], tokens, cache)
         model.forward_cached(clean[:, j * c:(j + 1) * c], torch.zeros(2, c), tokens, cache, write=True)
         assert (streamed - tf[:, j * c:(j + 1) * c]).abs().max() <= 1e-4, f"chunk {j}"
+
+
+def test_time_embedding_and_modulation_stay_fp32_under_autocast():
+    model, cfg, x, _, sigma, _ = make()
+    h, t, e = model._embed(x, sigma)
+    with torch.autocast("cpu", torch.bfloat16):
+        h16, t16, e16 = model._embed(x, sigma)
+    assert h16.dtype == torch.bfloat16                     # the tokens do run in bf16
+    assert t16.dtype == e16.dtype == torch.float32
+    assert torch.equal(t16, t) and torch.equal(e16, e)     # bit for bit what fp32 computes

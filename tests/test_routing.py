@@ -137,3 +137,20 @@ def test_streaming_cache_routing():
     assert m[..., : sink * L].all() and m[..., cached * L:].all()  # sinks and the chunk itself, always
     assert (m.sum(-1) == (sink + 2 + query) * L).all()             # plus exactly two routed frames
     assert torch.allclose(routed_attend(q, k, v, table, L, 2), attend(q, k, v, m))
+
+
+def test_route_scores_in_fp32_under_autocast():
+    # near-identical frames: bf16 scores would reorder them (the test checks that it would, so it can fail)
+    torch.manual_seed(0)
+    L, hd, frames = 4, 32, 8
+    base = torch.randn(1, 2, 1, hd)
+    k = base + 1e-3 * torch.randn(1, 2, frames * L, hd)
+    q = torch.randn(1, 2, 2 * L, hd) * 4
+    table = cache_table(cached=frames - 2, sink=0, query=2)
+    exact = route(q, k, table, L, topk=2)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(route(q, k, table, L, topk=2), exact)
+        kbar = k.float().unflatten(2, (frames, L)).mean(3)
+        bf16 = (q.float() @ kbar.transpose(-1, -2))[..., :frames - 2]   # what autocast makes of the same matmul
+    assert bf16.dtype == torch.bfloat16
+    assert not torch.equal(bf16.float().topk(2, dim=-1).indices, (q @ kbar.transpose(-1, -2))[..., :frames - 2].topk(2, dim=-1).indices)
