@@ -489,6 +489,7 @@ def teacher_force(stream, frames):
     guided = stream.sampler.kind == "euler" and stream.sampler.cfg != 1.0   # rollout's cache holds [prompt, null]
     text = torch.cat([tokens, torch.zeros_like(tokens)]) if guided else tokens
     x = torch.from_numpy(to_float(frames))[None].to(device)
+    x = stream.vae.encode(x) if stream.vae else x   # a latent model caches the latents of the true frames
     with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
         for i in range(0, len(frames), model.cfg.chunk):
             clean = x[:, i:i + model.cfg.chunk]
@@ -530,6 +531,7 @@ def main(argv=None):
                    "to the model); score the rest by PSNR/SSIM against the true continuation. Needs --deterministic")
     p.add_argument("--out", default="runs/eval", help="folder for eval.json and eval.png")
     args = p.parse_args(argv)
+    args.prompt = None   # no --prompt here: the stream is prompted with the world's caption, set below
     if args.tf_start < 0 or (args.tf_start and not args.deterministic):
         fail("--tf-start needs a frame count >= 0 and --deterministic (only then is the continuation unique)")
     if args.fps < 1:
@@ -540,9 +542,9 @@ def main(argv=None):
         fail("scoring a video needs --world SEED: the ToyWorld scene it shows")
     try:
         stream = None if args.video else Stream(args)
-        size = args.size or (stream.model.cfg.height if stream else 32)
-        if stream and size != stream.model.cfg.height:
-            fail(f"--size {size} differs from the model's frame size {stream.model.cfg.height}")
+        size = args.size or (stream.size if stream else 32)
+        if stream and size != stream.size:
+            fail(f"--size {size} differs from the model's frame size {stream.size}")
         world = ToyWorld(args.seed if args.world is None else args.world, WorldConfig(
             size=size, deterministic=args.deterministic,
             horizon_s=0.0 if args.no_events or stream else WorldConfig.horizon_s))

@@ -134,13 +134,14 @@ def resample_history(model, x0, tokens, ts, cfg: ResamplingConfig, generator=Non
         return x
     assert cfg.mode == "autoregressive", cfg.mode
     cache = KVCache(MemoryConfig(policy="full"), model.cfg.depth)
+    prompt = model.text(tokens)
     out = []
     for c in range(0, Fr - chunk, chunk):        # the last chunk is never anyone's history
         xc = x[:, c:c + chunk]
         for s, s_next in zip(grid[:-1], grid[1:]):
             xc = xc + expand(s_next[:, c:c + chunk] - s[:, c:c + chunk]) * \
-                model.forward_cached(xc, s[:, c:c + chunk], tokens, cache)
-        model.forward_cached(xc, torch.zeros_like(s[:, c:c + chunk]), tokens, cache, write=True)
+                model.forward_cached(xc, s[:, c:c + chunk], tokens, cache, prompt=prompt)
+        model.forward_cached(xc, torch.zeros_like(s[:, c:c + chunk]), tokens, cache, write=True, prompt=prompt)
         out.append(xc)
     return torch.cat(out + [x0[:, Fr - chunk:]], dim=1)
 
@@ -221,11 +222,12 @@ def rollout(model, tokens, n_frames: int, memory: MemoryConfig, sampler: Sampler
     sigmas = (euler_sigmas(sampler.steps, sampler.shift) if sampler.kind == "euler"
               else few_step_sigmas(sampler.levels, sampler.shift))
     device = tokens.device
+    prompt = model.text(text)   # one prompt for the whole stream: encode it once
 
     def denoise(x, s):
         xx = torch.cat([x, x]) if guided else x
         sig = torch.full(xx.shape[:2], s, device=device)
-        v = model.forward_cached(xx, sig, text, cache).float()
+        v = model.forward_cached(xx, sig, text, cache, prompt=prompt).float()
         if not guided:
             return v
         v_cond, v_null = v.chunk(2)
@@ -239,5 +241,6 @@ def rollout(model, tokens, n_frames: int, memory: MemoryConfig, sampler: Sampler
             x0 = sample_few_step(denoise, noise, sigmas, generator)
         x0 = x0.clamp(-1, 1)
         clean = torch.cat([x0, x0]) if guided else x0
-        model.forward_cached(clean, torch.zeros(clean.shape[:2], device=device), text, cache, write=True)  # re-cache
+        model.forward_cached(clean, torch.zeros(clean.shape[:2], device=device), text, cache, write=True,
+                             prompt=prompt)   # the clean re-cache
         yield x0

@@ -55,12 +55,15 @@ class DiTConfig:
     def preset(name: str) -> "DiTConfig":
         if name == "tiny":    # tests and the CPU demo; patch 4 so the head (dim 64 -> 48 pixel values) is no bottleneck
             return DiTConfig(patch=4, dim=64, depth=2, heads=4, ffn=256, chunk=2, frames=8, text_layers=1)
+        if name == "cpu":     # the 2-core CPU recipe: 8x8x4 VAE latents of 32x32 frames, 2x2 patches, 16 tokens/frame
+            return DiTConfig(height=8, width=8, channels=4, patch=2, dim=256, depth=4, heads=4, ffn=1024, chunk=2,
+                             frames=8, text_layers=1)
         if name == "small":   # ToyWorld 32x32 on one GPU; few-step streaming at 16+ frames/s on a 2-core CPU
             return DiTConfig()
         if name == "wan":     # Wan2.1-T2V-1.3B transformer shapes (480x832 video -> 60x104 latents)
             return DiTConfig(height=60, width=104, channels=16, patch=2, dim=1536, depth=30, heads=12,
                              ffn=8960, chunk=3, frames=21, text_len=512)
-        raise ValueError(f"unknown preset {name!r} (tiny, small, wan)")
+        raise ValueError(f"unknown preset {name!r} (tiny, cpu, small, wan)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,15 +316,16 @@ class DiT(nn.Module):
         return out[:, Fr:] if layout == "teacher_forcing" else out
 
     # -- streaming -----------------------------------------------------------------------------------------
-    def forward_cached(self, x, sigma, tokens, cache, write=False):
+    def forward_cached(self, x, sigma, tokens, cache, write=False, prompt=None):
         """One call of the streaming model: x (B, n, C, H, W) frames of the current chunk (or window) attend,
         unmasked, to the cached frames plus themselves. Positions come from the cache's policy.
 
         write=True appends this call's keys/values to the cache: use it only for the clean re-cache pass
         (x = the finished x0 at sigma = 0), never with the noisy keys of a denoising step.
+        prompt: self.text(tokens), computed once by a caller that makes many calls with one prompt.
         """
         n = x.shape[1]
-        ctx, ctx_mask = self.text(tokens)
+        ctx, ctx_mask = self.text(tokens) if prompt is None else prompt
         h, t, e = self._embed(x, sigma)
         cache_pos, query_pos = cache.positions(n)
         ang_q = rope_angles(self.cfg, query_pos.to(x.device))
@@ -356,6 +360,20 @@ def save_checkpoint(path: str, model, ema, optimizer, method: str, step: int, ex
     os.replace(tmp, path)
 
 
+def export_model(path: str, ckpt: dict):
+    """Write the streaming model of a training checkpoint: its EMA weights in fp16 and what sampling reads (config,
+    method, step, shift, sampler defaults, VAE), without the training state. About a quarter of the checkpoint."""
+    def half(state):
+        return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+    keep = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer", "rng", "path")}
+    if "vae" in keep:
+        keep["vae"] = {**keep["vae"], "state": half(keep["vae"]["state"])}
+    tmp = path + ".tmp"
+    torch.save({**keep, "ema": half(ckpt["ema"])}, tmp)
+    os.replace(tmp, path)
+
+
 def latest_checkpoint(directory: str) -> str | None:
     paths = sorted(glob.glob(os.path.join(directory, "ckpt_*.pt")))
     return paths[-1] if paths else None
@@ -377,7 +395,7 @@ def load_checkpoint(path: str) -> dict:
     except Exception as e:   # torch raises many kinds (pickle, zip, EOF) for a damaged file
         first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"cannot read checkpoint {path} (damaged or not ours): {type(e).__name__}: {first}")
-    missing = [k for k in ("model", "ema", "config", "method", "step") if not isinstance(ckpt, dict) or k not in ckpt]
+    missing = [k for k in ("ema", "config", "method", "step") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not a nanoforcing checkpoint (missing {', '.join(missing)})")
     ckpt["path"] = path
@@ -435,7 +453,7 @@ def stream_flops_per_frame(cfg: DiTConfig, steps: int, cached_frames: int) -> fl
 
 
 if __name__ == "__main__":
-    for name in ("tiny", "small", "wan"):
+    for name in ("tiny", "cpu", "small", "wan"):
         cfg = DiTConfig.preset(name)
         with torch.device("meta"):
             n = sum(p.numel() for p in DiT(cfg).parameters())

@@ -2,7 +2,7 @@
 Stream a video of any length from a trained model, chunk by chunk, straight into an mp4.
 
     python sample.py --minutes 2                          # the shipped default model
-    python sample.py --ckpt runs/teacher-tiny --seconds 10 --memory sink --prompt "a red circle over blue dots"
+    python sample.py --ckpt runs/teacher-tiny --seconds 10 --memory sink --prompt "a red circle over navy dots"
 
 Frames go to the file as soon as each chunk is finished, and with a bounded memory policy (window, sink) the
 KV cache stops growing after warm-up, so memory is constant however long the stream. The last line reports
@@ -23,6 +23,7 @@ from data import VOCAB, ToyWorld, WorldConfig, to_uint8, tokenize, unknown_words
 from forcing import SamplerConfig, rollout
 from memory import POLICIES, KVCache, MemoryConfig
 from model import CheckpointError, load_checkpoint, model_from_checkpoint, pick_device
+from vae import load_vae
 
 # ---- defaults: one block, every value is a flag below ------------------------------------------------------
 DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "default.pt")
@@ -30,8 +31,8 @@ SECONDS = 10.0
 FPS = 16            # ToyWorld's world time runs at 16 frames per second
 MEMORY = "sink"
 SAMPLER = {"teacher": "euler", "diffusion": "euler", "resampling": "euler"}   # distilled methods will use "few"
-STEPS = {"euler": 16, "few": 4}   # denoising calls per chunk
-CFG = 3.0           # classifier-free guidance scale
+STEPS = {"euler": 16, "few": 4}   # denoising calls per chunk, unless the checkpoint names its own (see train.RECIPE)
+CFG = 3.0           # classifier-free guidance scale, likewise
 SCALE = 4           # nearest-neighbour upscaling of the written frames, so 32x32 frames are watchable
 
 
@@ -49,8 +50,10 @@ def add_args(p, prompt=True):
     p.add_argument("--sampler", default=None, choices=("euler", "few"),
                    help="euler: many-step flow ODE with guidance; few: predict x0 and re-noise (distilled models). "
                         "Default: the one the checkpoint's method was trained for")
-    p.add_argument("--steps", type=int, default=None, help=f"denoising calls per chunk (default {STEPS})")
-    p.add_argument("--cfg", type=float, default=CFG, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising calls per chunk (default: the checkpoint's own, else {STEPS})")
+    p.add_argument("--cfg", type=float, default=None,
+                   help=f"classifier-free guidance scale, 1 = off (default: the checkpoint's own, else {CFG:g})")
     p.add_argument("--topk", type=int, default=None,
                    help="history routing: top-k history frames per query (0 = dense; default: as trained)")
     p.add_argument("--seed", type=int, default=0)
@@ -67,8 +70,7 @@ def fail(msg):
 class Stream:
     """A validated, loaded model ready to stream: iterate `chunks()` for uint8 frames (n, H, W, 3)."""
 
-    def __init__(self, args, prompt=None):
-        """prompt: the caption to stream (default: --prompt, else the caption of ToyWorld scene --seed)."""
+    def __init__(self, args):
         if args.seconds is not None and args.minutes is not None:
             fail("give --seconds or --minutes, not both")
         seconds = args.minutes * 60 if args.minutes is not None else (args.seconds if args.seconds is not None
@@ -80,7 +82,7 @@ class Stream:
         self.n_frames = round(seconds * args.fps)
         if self.n_frames < 1:
             fail(f"{seconds:g} s at {args.fps} frames/s is no frame at all; ask for at least {1 / args.fps:g} s")
-        if args.cfg < 0:
+        if args.cfg is not None and args.cfg < 0:
             fail(f"--cfg must be >= 0 (1 = no guidance; got {args.cfg:g})")
         try:
             self.device = pick_device(args.device)
@@ -96,6 +98,8 @@ class Stream:
         if ckpt["method"] == "bidirectional":
             fail(f"{ckpt['path']} is a bidirectional clip model (the DMD score), it cannot stream")
         self.model = model_from_checkpoint(ckpt).eval().to(self.device)
+        self.vae = load_vae(ckpt["vae"]).to(self.device) if "vae" in ckpt else None   # latent models decode frames
+        self.size = self.model.cfg.height * (self.vae.factor if self.vae else 1)   # frame size in pixels
         cfg = self.model.cfg
         default_window = cfg.frames - cfg.chunk - (cfg.chunk if args.memory == "sink" else 0)
         self.memory = MemoryConfig(policy=args.memory, window=default_window if args.window is None else args.window,
@@ -111,15 +115,17 @@ class Stream:
                 fail(f"--topk must be in 0..{history if history is not None else 'any'}: the {self.memory.policy} "
                      f"memory holds {history} history frames (0 = dense attention)")
             cfg.topk = args.topk
-        scene = ToyWorld(args.seed, WorldConfig(size=cfg.height))
-        self.prompt = prompt if prompt is not None else (vars(args).get("prompt") or scene.caption(0))
+        scene = ToyWorld(args.seed, WorldConfig(size=self.size))
+        self.prompt = args.prompt if args.prompt is not None else scene.caption(0)
         unknown = unknown_words(self.prompt)
         if unknown:
             print(f"{PROG}: warning: not in the vocabulary, read as <unk>: {', '.join(unknown)} (the words the model "
                   f"knows are data.VOCAB: {' '.join(VOCAB[2:])})", file=sys.stderr)
         kind = args.sampler or SAMPLER[ckpt["method"]]
-        steps = args.steps or STEPS[kind]
-        self.sampler = SamplerConfig(kind=kind, steps=steps, cfg=args.cfg, shift=ckpt["shift"],
+        own = ckpt["sampler"] if "sampler" in ckpt and kind == "euler" else {"steps": STEPS[kind], "cfg": CFG}
+        steps = args.steps or own["steps"]
+        self.sampler = SamplerConfig(kind=kind, steps=steps, cfg=own["cfg"] if args.cfg is None else args.cfg,
+                                     shift=ckpt["shift"],
                                      levels=tuple(1 - i / steps for i in range(steps)))
         self.cache = KVCache(self.memory, cfg.depth)
         self.seed = args.seed
@@ -128,7 +134,9 @@ class Stream:
     def describe(self) -> str:
         c = self.ckpt
         return (f"{c['path']} ({c['method']}, step {c['step']}) | {self.n_frames} frames | memory {self.memory.policy} "
-                f"| {self.sampler.kind} x {self.sampler.steps} | top-k {self.model.cfg.topk or 'dense'} "
+                f"| {self.sampler.kind} x {self.sampler.steps}"
+                + (f", guidance {self.sampler.cfg:g}" if self.sampler.kind == "euler" else "")
+                + f" | top-k {self.model.cfg.topk or 'dense'} "
                 f"| prompt: {self.prompt}")
 
     def chunks(self):
@@ -138,7 +146,8 @@ class Stream:
         written, t0 = 0, time.time()
         with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
             for x0 in rollout(self.model, tokens, self.n_frames, self.memory, self.sampler, generator, self.cache):
-                frames = to_uint8(x0[0, :self.n_frames - written].float().cpu().numpy())
+                x0 = x0[0, :self.n_frames - written].float()
+                frames = to_uint8((self.vae.decode(x0) if self.vae else x0).cpu().numpy())
                 written += len(frames)
                 self.times.append(time.time() - t0 - sum(self.times))
                 yield frames
@@ -188,7 +197,7 @@ def main(argv=None):
     # frames go to a hidden .part file (no video extension, so no player takes it for a result), renamed at the end
     tmp = os.path.join(os.path.dirname(out), "." + os.path.basename(out) + ".part")
     signal.signal(signal.SIGTERM, interrupt)
-    size = (stream.model.cfg.width * args.scale, stream.model.cfg.height * args.scale)
+    size = (stream.size * args.scale, stream.size * args.scale)
     writer = imageio_ffmpeg.write_frames(tmp, size, fps=args.fps, codec="libx264", quality=8, macro_block_size=1,
                                          output_params=["-f", "mp4", "-preset", "ultrafast",
                                                         "-threads", "1"])   # leave the CPU to the model

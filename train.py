@@ -1,22 +1,27 @@
 """
 Train one forcing method of the block-causal DiT on ToyWorld (or on a folder of your own videos).
 
-    python train.py --method teacher --tiny                      # about a minute on a laptop CPU
+    python train.py --method resampling --cpu                    # the shipped default model, on a 2-core CPU
+    python train.py --method teacher --tiny                      # a smoke run, a couple of minutes
     python train.py --method teacher --small --out runs/teacher  # one GPU
     torchrun --nproc_per_node 4 train.py --method teacher --small
 
-Each run directory gets ckpt_<step>.pt checkpoints (plain dicts, written atomically), and at the end
-samples.png: a strip of frames streamed from the EMA model; args.json (the run's settings, also stored in every
-checkpoint) and log.jsonl (one line of loss, gradient norm, learning rate and timing per --log-every steps).
---resume continues from the latest checkpoint, and only the same run: it refuses changed settings. One run
-directory has one writer at a time (a lock), and a killed run leaves no temporary files behind.
-On CUDA the model runs under bf16 autocast with FlexAttention block masks; on CPU in fp32 with SDPA.
+The --cpu preset is a latent model: stage 1 trains a frame VAE (vae.py) into OUT/vae, stage 2 the DiT on its
+latents; the VAE travels inside every checkpoint, so sampling decodes frames without it being named.
+Each run directory gets ckpt_<step>.pt checkpoints (plain dicts, written atomically), and at the end model.pt
+(the EMA weights in fp16 with what sampling needs: the file to ship) and samples.png, a strip of frames streamed
+from it; args.json (the run's settings, also stored in every checkpoint) and log.jsonl (one line of loss,
+gradient norm, learning rate and timing per --log-every steps). --resume continues from the latest checkpoint,
+and only the same run: it refuses changed settings. One run directory has one writer at a time (a lock), and a
+killed run leaves no temporary files behind. On CUDA the model runs under bf16 autocast with FlexAttention block
+masks; on CPU with SDPA, in fp32 or (the --cpu preset) under bf16 autocast, about 1.7x faster there.
 """
 
 import argparse
 import copy
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -31,16 +36,28 @@ from data import DataError, ToyWorld, VideoFolder, WorldConfig, sample_clips, to
 from forcing import (LOSSES, METHODS, PLANNED, ResamplingConfig, SamplerConfig, resampling_loss, rollout,
                      teacher_loss)
 from memory import MemoryConfig
-from model import (CheckpointError, DiT, DiTConfig, check_same_model, latest_checkpoint, load_checkpoint, pick_device,
-                   save_checkpoint)
+from model import (CheckpointError, DiT, DiTConfig, check_same_model, export_model, latest_checkpoint, load_checkpoint,
+                   pick_device, save_checkpoint)
+from vae import VAEConfig, VAETraining, load_vae, train_vae, vae_state
 
 # ---- defaults: one block, every value is a flag below ------------------------------------------------------
 PRESETS = {   # model preset -> training hyper-parameters
     "tiny":  dict(batch=8,  lr=1e-3, steps=300,   warmup=20,   ema=0.99,  log_every=20,  save_every=100),
+    "cpu":   dict(batch=8,  lr=1e-3, steps=3000,  warmup=100,  ema=0.998, log_every=25,  save_every=100),
     "small": dict(batch=32, lr=3e-4, steps=20000, warmup=1000, ema=0.999, log_every=100, save_every=2000),
     "wan":   dict(batch=1,  lr=2e-6, steps=1000,  warmup=0,    ema=0.99,  log_every=1,   save_every=100),
 }
-SHIFT = 3.0          # timestep shift of the training noise levels (and of sampling; stored in the checkpoint)
+RECIPE = {    # model preset -> what no flag changes: noise schedule, precision on the CPU, the frame VAE
+    # shift: timestep shift of the training noise levels and of sampling (stored in the checkpoint). 3.0 is
+    #   Wan's, for 480p latents; at 16-64 tokens a frame shift 1 trains a better model (docs/cpu-recipe.md)
+    # bf16: bf16 autocast on the CPU too (always on CUDA); vae_steps: train a frame VAE first (0 = pixels)
+    # sampler: the Euler steps and guidance sample.py uses for the model unless told otherwise
+    "tiny":  dict(shift=1.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
+    "cpu":   dict(shift=1.0, bf16=True,  vae_steps=4000, sampler=dict(steps=8, cfg=3.0)),
+    "small": dict(shift=1.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
+    "wan":   dict(shift=3.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
+}
+LR_FLOOR = 0.1       # the learning rate decays from its peak to LR_FLOOR x peak over the run (cosine)
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
 KEEP_CHECKPOINTS = 2
@@ -56,6 +73,8 @@ def parse(argv=None):
     p.add_argument("--method", default="teacher", help=f"training recipe: {', '.join(METHODS)}")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tiny", dest="preset", action="store_const", const="tiny", help="tiny model (CPU, tests)")
+    size.add_argument("--cpu", dest="preset", action="store_const", const="cpu",
+                      help="the 2-core CPU recipe: a frame VAE, then a latent DiT (the shipped default model)")
     size.add_argument("--small", dest="preset", action="store_const", const="small",
                       help="small model (one GPU; the default when there is one)")
     size.add_argument("--wan", dest="preset", action="store_const", const="wan",
@@ -72,6 +91,8 @@ def parse(argv=None):
     p.add_argument("--out", default=None, help="run directory for checkpoints (default: runs/<method>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--init", default=None, help="start from this checkpoint's EMA weights")
+    p.add_argument("--vae", default=None,
+                   help="trained frame VAE (vae.pt) of a latent preset (default: train one into OUT/vae first)")
     p.add_argument("--topk", type=int, default=0,
                    help="history routing: each query attends to its own chunk + its top-k history frames (0 = dense)")
     p.add_argument("--route-sink", type=int, default=0,
@@ -93,9 +114,9 @@ def parse(argv=None):
     args = p.parse_args(argv)
     args.preset_note = None
     if args.preset is None:   # the GPU preset would take days a run on a CPU
-        args.preset = "small" if torch.cuda.is_available() else "tiny"
-        if args.preset == "tiny":
-            args.preset_note = "no size flag and no GPU here: training the --tiny model (--small is the one-GPU preset)"
+        args.preset = "small" if torch.cuda.is_available() else "cpu"
+        if args.preset == "cpu":
+            args.preset_note = "no size flag and no GPU here: training the --cpu recipe (--small is the one-GPU preset)"
     for k, v in PRESETS[args.preset].items():   # flags left unset take the preset's value
         if vars(args)[k] is None:
             setattr(args, k, v)
@@ -127,7 +148,8 @@ def check(args):
                          "--resample-warmup >= 0")
     if not 0 <= args.ema < 1:
         raise SystemExit(f"train.py: error: --ema must be in [0, 1) (got {args.ema})")
-    clip_bytes = args.batch * cfg.frames * cfg.channels * cfg.height * cfg.width * 4
+    pixels = cfg.height * (2 ** VAEConfig.downs if RECIPE[args.preset]["vae_steps"] or args.vae else 1)
+    clip_bytes = args.batch * cfg.frames * 3 * pixels ** 2 * 4   # the rendered clips (encoded later, if latent)
     if clip_bytes > MEMORY_BYTES / 4:
         raise SystemExit(f"train.py: error: --batch {args.batch} needs {clip_bytes / 2**30:.1f} GiB for its clips "
                          f"alone; this machine has {MEMORY_BYTES / 2**30:.0f} GiB")
@@ -135,10 +157,15 @@ def check(args):
         pick_device(args.device)
     except ValueError as e:
         raise SystemExit(f"train.py: error: {e}")
-    if args.resume and latest_checkpoint(args.out) is None:
+    vae_stage = os.path.isdir(os.path.join(args.out, "vae"))   # a latent run killed while it trained its VAE
+    if args.resume and latest_checkpoint(args.out) is None and not vae_stage:
         raise SystemExit(f"train.py: error: --resume found no checkpoint (ckpt_*.pt) in {args.out}")
     if args.resume and args.init:
         raise SystemExit("train.py: error: --resume continues a run, --init starts one: give one of them")
+    if args.vae and not os.path.isfile(args.vae):
+        raise SystemExit(f"train.py: error: --vae {args.vae} is not a file (a vae.pt written by vae.py or train.py)")
+    if args.vae and cfg.channels == 3:
+        raise SystemExit(f"train.py: error: --vae is for a latent preset (--cpu); --{args.preset} models pixels")
     if args.init:
         try:
             check_same_model(load_checkpoint(args.init), cfg)
@@ -148,7 +175,7 @@ def check(args):
 
 def settings(args) -> dict:
     """What defines a run: every flag that changes the trained weights (not where or how often it reports)."""
-    skip = ("out", "resume", "init", "log_every", "save_every", "workers", "device", "preset_note")
+    skip = ("out", "resume", "init", "vae", "log_every", "save_every", "workers", "device", "preset_note")
     return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 
@@ -173,8 +200,10 @@ def check_resume(ckpt: dict, args):
 class Clips(torch.utils.data.IterableDataset):
     """An endless stream of (video, prompt tokens) training batches, from ToyWorld or a video folder."""
 
-    def __init__(self, cfg: DiTConfig, batch: int, seed: int, folder: VideoFolder | None, start: int):
-        self.cfg, self.batch, self.seed, self.folder, self.start = cfg, batch, seed, folder, start
+    def __init__(self, cfg: DiTConfig, batch: int, seed: int, folder: VideoFolder | None, start: int,
+                 pixels: int | None):
+        """pixels: the frame size to render (a latent model's frames are encoded later); None: random latents."""
+        self.cfg, self.batch, self.seed, self.folder, self.start, self.pixels = cfg, batch, seed, folder, start, pixels
 
     def __iter__(self):
         # batch i is drawn from its own seed [seed, i], and worker w of n makes batches w, w+n, ... which the
@@ -182,8 +211,8 @@ class Clips(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         w, n = (info.id, info.num_workers) if info else (0, 1)
         c = self.cfg
-        latents = c.channels != 3   # the Wan shape: no VAE here, so random latents, for speed and memory only
-        world = None if latents else WorldConfig(size=c.height)
+        latents = self.pixels is None   # the Wan shape: no VAE for it here, so random latents (speed, memory only)
+        world = None if latents else WorldConfig(size=self.pixels)
         for i in range(self.start + w, 2**62, n):
             rng = np.random.default_rng([self.seed, i])
             if self.folder is not None:
@@ -196,9 +225,10 @@ class Clips(torch.utils.data.IterableDataset):
             yield torch.from_numpy(x), torch.from_numpy(tokenize(captions, self.cfg.text_len))
 
 
-def batches(cfg, batch, seed, folder, workers, start):
+def batches(cfg, batch, seed, folder, workers, start, pixels):
     # its own generator: the loader must not draw from the global RNG that the losses' noise comes from
-    loader = torch.utils.data.DataLoader(Clips(cfg, batch, seed, folder, start), batch_size=None, num_workers=workers,
+    loader = torch.utils.data.DataLoader(Clips(cfg, batch, seed, folder, start, pixels), batch_size=None,
+                                         num_workers=workers,
                                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                                          generator=torch.Generator())
     return iter(loader)
@@ -206,22 +236,43 @@ def batches(cfg, batch, seed, folder, workers, start):
 
 # ---- the sample strip --------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_strip(model, path, seconds=2.0, prompts=2, seed=0):
+def sample_strip(model, path, shift, vae=None, seconds=2.0, prompts=2, seed=0):
     """Stream a few seconds per prompt and save one row of frames per prompt as a PNG."""
     import imageio.v3 as iio
 
     cfg, device = model.cfg, next(model.parameters()).device
-    world = WorldConfig(size=cfg.height)
+    world = WorldConfig(size=cfg.height * (vae.factor if vae else 1))
     captions = [ToyWorld(seed + i, world).caption(0) for i in range(prompts)]
     tokens = torch.from_numpy(tokenize(captions, cfg.text_len)).to(device)
     n = int(seconds * world.fps)
     memory = MemoryConfig(policy="sink", window=cfg.frames - cfg.chunk - cfg.chunk, sink=cfg.chunk)
     g = torch.Generator(device).manual_seed(seed)
-    video = torch.cat(list(rollout(model, tokens, n, memory, SamplerConfig(shift=SHIFT), g)), 1)[:, :n]
-    frames = to_uint8(video[:, ::max(1, n // 16)].float().cpu().numpy())         # (P, 16, H, W, 3)
+    video = torch.cat(list(rollout(model, tokens, n, memory, SamplerConfig(shift=shift), g)), 1)[:, :n]
+    video = video[:, ::max(1, n // 16)].float()
+    frames = to_uint8((vae.decode(video) if vae else video).cpu().numpy())        # (P, 16, H, W, 3)
     rows = [np.concatenate(list(f), axis=1) for f in frames]
     iio.imwrite(path + ".tmp", np.concatenate(rows, axis=0).repeat(2, 0).repeat(2, 1), extension=".png")
     os.replace(path + ".tmp", path)
+
+
+def learning_rate(args, step: int) -> float:
+    """Linear warm-up to --lr, then a cosine decay to LR_FLOOR x --lr at the last step."""
+    decay = LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, args.steps))))
+    return args.lr * min(1.0, (step + 1) / max(1, args.warmup)) * decay
+
+
+def frame_vae(args, steps: int, ddp: bool):
+    """The frame VAE of a latent preset: --vae, or the one this run trained into OUT/vae (trained now if missing)."""
+    if args.vae:
+        try:
+            return load_vae(torch.load(args.vae, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise SystemExit(f"train.py: error: cannot read --vae {args.vae}: {type(e).__name__}: {e}")
+    if ddp:
+        raise SystemExit("train.py: error: train the frame VAE first (python vae.py --out runs/vae) and pass --vae")
+    print(f"stage 1: the frame VAE ({steps} steps), into {os.path.join(args.out, 'vae')}", flush=True)
+    return train_vae(os.path.join(args.out, "vae"), VAEConfig(), VAETraining(steps=steps, seed=args.seed),
+                     log=lambda line: print(line, flush=True))
 
 
 def rng_states(device) -> dict:
@@ -257,9 +308,10 @@ def lock_run_directory(out: str):
     handle.truncate(0)
     handle.write(str(os.getpid()))
     handle.flush()
-    for name in os.listdir(out):   # temporaries of a run that was killed mid-write
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(out, name))
+    for folder, _, names in os.walk(out):   # temporaries of a run that was killed mid-write (its VAE's too)
+        for name in names:
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(folder, name))
     return handle
 
 
@@ -285,9 +337,17 @@ def train(args):
 
     cfg = DiTConfig.preset(args.preset)
     cfg.topk, cfg.route_sink = args.topk, args.route_sink
-    if args.data and cfg.channels != 3:
-        raise SystemExit(f"train.py: error: --data needs an RGB model; --{args.preset} expects {cfg.channels}-channel latents")
-    folder = VideoFolder(args.data, size=cfg.height, frames=cfg.frames) if args.data else None
+    recipe = RECIPE[args.preset]
+    vae = None
+    if args.vae or recipe["vae_steps"]:   # a latent model: its frame VAE first (trained here unless given)
+        vae = frame_vae(args, recipe["vae_steps"], ddp).to(device)
+        if vae.cfg.latent != cfg.channels:
+            raise SystemExit(f"train.py: error: the VAE has {vae.cfg.latent} latent channels, --{args.preset} "
+                             f"models {cfg.channels}")
+    pixels = cfg.height * vae.factor if vae else (cfg.height if cfg.channels == 3 else None)
+    if args.data and pixels is None:
+        raise SystemExit(f"train.py: error: --data needs an RGB or VAE model; --{args.preset} models random latents")
+    folder = VideoFolder(args.data, size=pixels, frames=cfg.frames) if args.data else None
     torch.manual_seed(args.seed)   # identical initial weights on every rank
     model = DiT(cfg).to(device)
     if args.init:
@@ -296,7 +356,7 @@ def train(args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=WEIGHT_DECAY)
     torch.manual_seed(rank_seed(args.seed, rank))   # from here on, the noise of the losses: its own per rank
     step = 0
-    if args.resume:
+    if args.resume and latest_checkpoint(args.out):   # (a run stopped in stage 1 has none yet: the DiT starts)
         ckpt = load_checkpoint(latest_checkpoint(args.out))
         if ckpt["method"] != args.method or ckpt["config"] != asdict(cfg):
             raise SystemExit(f"train.py: error: {ckpt['path']} was trained with another method or model size")
@@ -317,7 +377,11 @@ def train(args):
     net = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None) if ddp else model
     net.cfg = cfg   # the losses read the chunk size from model.cfg, also through the DDP wrapper
     workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
-    data = batches(cfg, args.batch // world_size, args.seed * 1000 + rank, folder, workers, step)
+    data = batches(cfg, args.batch // world_size, args.seed * 1000 + rank, folder, workers, step, pixels)
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" or recipe["bf16"])
+    extra = {"shift": recipe["shift"], "sampler": recipe["sampler"], "args": settings(args)}
+    if vae:
+        extra["vae"] = vae_state(vae)
     loss_fn = LOSSES[args.method]
     if args.method == "resampling":
         rs = ResamplingConfig(args.resample_mode, args.resample_shift, args.resample_steps, args.resample_warmup)
@@ -326,19 +390,22 @@ def train(args):
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(settings(args), f, indent=1)
         n = sum(p.numel() for p in model.parameters())
-        print(f"{args.method} | {args.preset} {n / 1e6:.2f}M params | {cfg.frames} frames x "
+        print(("stage 2: " if vae else "") + f"{args.method} | {args.preset} {n / 1e6:.2f}M params | {cfg.frames} frames x "
               f"{cfg.tokens_per_frame} tokens | batch {args.batch} on {world_size} x {device.type} | out {args.out}")
         log = open(os.path.join(args.out, "log.jsonl"), "a")
 
     t0, seen, losses, start = time.time(), 0, [], time.time()
     while step < args.steps:
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        lr = learning_rate(args, step)
         for group in opt.param_groups:
             group["lr"] = lr
         x, tokens = (t.to(device, non_blocking=True) for t in next(data))
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        with amp:
+            if vae:
+                with torch.no_grad():
+                    x = vae.encode(x).float()   # (B, F, latent, h, w)
             warming_up = args.method == "resampling" and step < rs.warmup   # teacher forcing first
-            loss = (teacher_loss if warming_up else loss_fn)(net, x, tokens, SHIFT)
+            loss = (teacher_loss if warming_up else loss_fn)(net, x, tokens, recipe["shift"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -362,13 +429,17 @@ def train(args):
             rng = gather(rng_states(device), ddp)   # the noise of the losses, per rank
             if master:
                 save_checkpoint(os.path.join(args.out, f"ckpt_{step:07d}.pt"), model, ema, opt, args.method, step,
-                                {"shift": SHIFT, "rng": rng, "args": settings(args)})
+                                {**extra, "rng": rng})
                 for old in sorted(p for p in os.listdir(args.out) if p.startswith("ckpt_"))[:-KEEP_CHECKPOINTS]:
                     os.remove(os.path.join(args.out, old))
-    if master and args.method != "bidirectional" and cfg.channels == 3:   # a clip model does not stream
+    if master:
+        final = latest_checkpoint(args.out)
+        export_model(os.path.join(args.out, "model.pt"), load_checkpoint(final))
+        print(f"wrote {os.path.join(args.out, 'model.pt')} (the EMA weights of {final} in fp16, for sampling)")
+    if master and args.method != "bidirectional" and pixels is not None:   # a clip model does not stream
         path = os.path.join(args.out, "samples.png")
         print(f"streaming {path} from the EMA model ...", flush=True)
-        sample_strip(ema.eval(), path)
+        sample_strip(ema.eval(), path, recipe["shift"], vae)
         print(f"wrote {path}")
     if ddp:
         dist.barrier()

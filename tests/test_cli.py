@@ -86,6 +86,8 @@ BAD_INPUT = [
     ("train.py --tiny --device cuda", "no CUDA"),
     ("train.py --small --steps 1 --init {ckpt} --out {out}", "another model size"),
     ("train.py --tiny --steps 1 --resume --init {ckpt} --out {out}", "--resume"),
+    ("train.py --cpu --steps 1 --vae {tmp}/missing.pt --out {out}", "--vae"),
+    ("train.py --tiny --steps 1 --vae {tmp}/garbage.pt --out {out}", "latent preset"),
     ("sample.py --ckpt {tmp}/missing.pt --out {out}", "not found"),
     ("sample.py --ckpt {tmp}/garbage.pt --out {out}", "not a PyTorch checkpoint"),
     ("sample.py --ckpt {ckpt} --seconds 0 --out {out}", "seconds"),
@@ -130,7 +132,7 @@ def test_unreadable_data_and_missing_default_model(tmp_path):
 
 
 def test_help_shows_preset_defaults_and_only_the_flags_a_command_takes():
-    assert "tiny 300, small 20000" in run("train.py", "--help").stdout
+    assert "tiny 300, cpu 3000, small 20000" in run("train.py", "--help").stdout
     assert "--prompt" not in run("eval.py", "--help").stdout
     assert "--prompt" in run("sample.py", "--help").stdout
 
@@ -154,10 +156,27 @@ def test_one_writer_per_run_directory_and_stale_temporaries_cleaned(tmp_path):
         one_line_error(run("train.py", "--tiny", "--steps", "1", "--out", str(out)), "another training")
     assert not (out / "ckpt_0000001.pt").exists()
     (out / "ckpt_0000005.pt.tmp").write_bytes(b"")   # left by a run killed mid-write
-    r = run("train.py", "--steps", "1", "--out", str(out))   # and no size flag on a CPU: the tiny preset, said first
+    r = run("train.py", "--tiny", "--steps", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert "--tiny" in r.stdout.splitlines()[0]
     assert not (out / "ckpt_0000005.pt.tmp").exists() and (out / "ckpt_0000001.pt").exists()
+
+
+def test_no_size_flag_on_a_cpu_trains_the_cpu_recipe_and_says_so(tmp_path):
+    from vae import VAEConfig, VAETraining, train_vae
+
+    train_vae(str(tmp_path / "vae"), VAEConfig(width=8), VAETraining(steps=2, batch=2), log=lambda line: None)
+    out = tmp_path / "run"
+    r = run("train.py", "--method", "resampling", "--steps", "2", "--resample-warmup", "1",
+            "--vae", str(tmp_path / "vae" / "vae.pt"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "--cpu" in r.stdout.splitlines()[0]
+    shipped = torch.load(out / "model.pt", weights_only=True)   # the file to ship: EMA in fp16, VAE inside
+    assert shipped["config"]["channels"] == 4 and "vae" in shipped and "optimizer" not in shipped
+    assert all(v.dtype == torch.float16 for v in shipped["ema"].values() if v.is_floating_point())
+    v = run("sample.py", "--ckpt", str(out / "model.pt"), "--seconds", "0.25", "--out", str(tmp_path / "v.mp4"))
+    assert v.returncode == 0, v.stderr
+    frames = [f for f in imageio.get_reader(str(tmp_path / "v.mp4"))]   # list() asks len(): inf
+    assert len(frames) == 4 and frames[0].shape == (128, 128, 3)   # decoded 32x32 frames, written 4x
 
 
 def wait_for(predicate, timeout=60.0):

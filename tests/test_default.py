@@ -1,0 +1,46 @@
+"""The shipped default model and the CPU preset that trains it: what the README promises, checked without training."""
+
+import os
+import re
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import torch
+
+import train
+from model import DiTConfig
+from sample import DEFAULT_CKPT
+from vae import VAEConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def preset_card() -> str:
+    """The README's one-line description of the --cpu preset, built from the values the code uses."""
+    c, p, r, v = DiTConfig.preset("cpu"), train.PRESETS["cpu"], train.RECIPE["cpu"], VAEConfig()
+    return (f"a frame VAE ({r['vae_steps']:,} steps; {c.height * 2 ** v.downs}x{c.height * 2 ** v.downs}x3 frames "
+            f"-> {c.height}x{c.width}x{v.latent} latents), then a DiT of dim {c.dim}, depth {c.depth}, {c.heads} heads, "
+            f"{c.patch}x{c.patch} latent patches ({c.tokens_per_frame} tokens a frame), chunks of {c.chunk}, "
+            f"{c.frames}-frame clips: {p['steps']:,} steps of batch {p['batch']}, lr {p['lr']:g} (cosine to "
+            f"{train.LR_FLOOR:g}x), EMA {p['ema']:g}, shift {r['shift']:g}, bf16 autocast")
+
+
+def test_cpu_preset_is_what_the_readme_says():
+    readme = re.sub(r"\s+", " ", open(os.path.join(ROOT, "README.md")).read())
+    assert preset_card() in readme, preset_card()
+    assert "python train.py --method resampling --cpu" in readme
+
+
+def test_shipped_default_loads_safely_and_streams_with_default_settings(tmp_path):
+    ckpt = torch.load(DEFAULT_CKPT, map_location="cpu", weights_only=True)   # plain tensors and dicts only
+    assert ckpt["method"] == "resampling" and ckpt["config"] == vars(DiTConfig.preset("cpu"))
+    assert os.path.getsize(DEFAULT_CKPT) < 16 * 2**20
+    out = tmp_path / "v.mp4"
+    c = DiTConfig.preset("cpu")
+    seconds = 2 * c.chunk / 16   # two chunks at 16 frames/s
+    r = subprocess.run([sys.executable, "sample.py", "--seconds", str(seconds), "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    frames = [f for f in imageio.get_reader(str(out))]   # list() asks len(): inf
+    assert len(frames) == 2 * c.chunk and frames[0].shape == (128, 128, 3)   # 32x32 frames, written 4x
