@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from eval import WINDOW_S, mean, panel
+from sample import output_path
 
 FIGURES = ("palette_fidelity", "colour_drift", "count_error", "background_error", "flicker", "motion_retention",
            "teleport_rate", "identity_match")
@@ -141,13 +142,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the drift plot here (PNG)")
     args = p.parse_args(argv)
     if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            fail(f"cannot create the folder of --out {args.out}: {e.strerror}")
-        if os.path.isdir(args.out) or not os.access(folder, os.W_OK):
-            fail(f"cannot write --out {args.out}")
+        output_path(args.out)
     models = dict(load(spec) for spec in args.runs)
     if len(models) != len(args.runs):
         fail("two runs share a label")

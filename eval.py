@@ -61,7 +61,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from data import BACKDROP_COLOURS, BACKDROP_SHADE, OCCLUDER_RGB, PALETTE, SHAPES, DataError, ToyWorld, WorldConfig
 from data import to_float, tokenize
-from sample import DEFAULT_CKPT, Stream, add_args, fail, interrupt
+from sample import DEFAULT_CKPT, Stream, add_args, fail, interrupt, output_path
 
 # ---- config: every threshold, in RGB units (L2 over the three 0..255 channels) or pixels ----------------------
 DETECT_TOL = 40.0     # object pixel: this close to a palette colour (under half of the 83 between the closest two)
@@ -554,12 +554,7 @@ def main(argv=None):
         fail(f"--tf-start must be whole chunks of {stream.model.cfg.chunk} frames (got {args.tf_start})")
     if not stream:
         frames, source = read_frames(args.video, size), args.video
-    try:   # before sampling, so a stream is never lost to a bad --out
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create the output folder {args.out}: {e.strerror}")
-    if not os.access(args.out, os.W_OK):
-        fail(f"cannot write into the output folder {args.out}")
+    output_path(os.path.join(args.out, "eval.json"))   # before sampling, so a stream is never lost to a bad --out
     if stream:
         stream.prompt = world.caption(0)
         source = stream.describe() + (f" | teacher-forced {args.tf_start} frames" if args.tf_start else "")

@@ -89,8 +89,8 @@ class Stream:
         except ValueError as e:
             fail(e)
         if args.ckpt == DEFAULT_CKPT and not os.path.exists(DEFAULT_CKPT):
-            fail(f"no default model at {os.path.relpath(DEFAULT_CKPT)} yet: train one on this CPU with "
-                 f"`python train.py --method teacher --tiny --out runs/tiny` and pass --ckpt runs/tiny")
+            fail(f"no default model at {os.path.relpath(DEFAULT_CKPT)}: train it on this CPU with "
+                 f"`python train.py --method resampling --cpu` and pass --ckpt runs/resampling-cpu/model.pt")
         try:
             self.ckpt = ckpt = load_checkpoint(args.ckpt)
         except CheckpointError as e:

@@ -128,7 +128,7 @@ def test_unreadable_data_and_missing_default_model(tmp_path):
     one_line_error(run("train.py", "--tiny", "--steps", "1", "--data", str(videos), "--out", str(tmp_path / "r")),
                    str(videos))
     if not os.path.exists(os.path.join(ROOT, "checkpoints", "default.pt")):   # until a default model is shipped
-        one_line_error(run("sample.py", "--seconds", "1"), "train.py", "--tiny")
+        one_line_error(run("sample.py", "--seconds", "1"), "train.py", "--cpu")
 
 
 def test_help_shows_preset_defaults_and_only_the_flags_a_command_takes():
