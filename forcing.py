@@ -173,6 +173,7 @@ class SamplerConfig:
     cfg: float = 3.0            # classifier-free guidance scale (euler); 1 = off
     shift: float = 3.0          # timestep shift of the step grid
     levels: tuple = (1.0, 0.75, 0.5, 0.25)   # few-step levels before the shift
+    clip: float | None = 1.0    # |x0| bound of the data: pixels live in [-1, 1]; VAE latents are unbounded (None)
 
 
 def euler_sigmas(steps: int, shift: float) -> list[float]:
@@ -239,7 +240,8 @@ def rollout(model, tokens, n_frames: int, memory: MemoryConfig, sampler: Sampler
             x0 = sample_euler(denoise, noise, sigmas)
         else:
             x0 = sample_few_step(denoise, noise, sigmas, generator)
-        x0 = x0.clamp(-1, 1)
+        if sampler.clip is not None:
+            x0 = x0.clamp(-sampler.clip, sampler.clip)
         clean = torch.cat([x0, x0]) if guided else x0
         model.forward_cached(clean, torch.zeros(clean.shape[:2], device=device), text, cache, write=True,
                              prompt=prompt)   # the clean re-cache

@@ -126,7 +126,8 @@ class Stream:
         steps = args.steps or own["steps"]
         self.sampler = SamplerConfig(kind=kind, steps=steps, cfg=own["cfg"] if args.cfg is None else args.cfg,
                                      shift=ckpt["shift"],
-                                     levels=tuple(1 - i / steps for i in range(steps)))
+                                     levels=tuple(1 - i / steps for i in range(steps)),
+                                     clip=None if self.vae else 1.0)
         self.cache = KVCache(self.memory, cfg.depth)
         self.seed = args.seed
         self.times = []   # seconds spent on each chunk

@@ -247,7 +247,7 @@ def sample_strip(model, path, shift, vae=None, seconds=2.0, prompts=2, seed=0):
     n = int(seconds * world.fps)
     memory = MemoryConfig(policy="sink", window=cfg.frames - cfg.chunk - cfg.chunk, sink=cfg.chunk)
     g = torch.Generator(device).manual_seed(seed)
-    video = torch.cat(list(rollout(model, tokens, n, memory, SamplerConfig(shift=shift), g)), 1)[:, :n]
+    video = torch.cat(list(rollout(model, tokens, n, memory, SamplerConfig(shift=shift, clip=None if vae else 1.0), g)), 1)[:, :n]
     video = video[:, ::max(1, n // 16)].float()
     frames = to_uint8((vae.decode(video) if vae else video).cpu().numpy())        # (P, 16, H, W, 3)
     rows = [np.concatenate(list(f), axis=1) for f in frames]

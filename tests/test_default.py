@@ -44,3 +44,26 @@ def test_shipped_default_loads_safely_and_streams_with_default_settings(tmp_path
     assert r.returncode == 0, r.stderr
     frames = [f for f in imageio.get_reader(str(out))]   # list() asks len(): inf
     assert len(frames) == 2 * c.chunk and frames[0].shape == (128, 128, 3)   # 32x32 frames, written 4x
+
+
+def test_default_streams_latents_with_the_spread_of_real_ones():
+    """Normalised VAE latents are about unit variance: a third of real values lie beyond +-1, and objects carry
+    the largest ones. Clipping streamed latents to the pixel range [-1, 1] erased every object and the occluder."""
+    import numpy as np
+    from types import SimpleNamespace
+    from data import ToyWorld, to_float
+    import sample
+    args = SimpleNamespace(ckpt=DEFAULT_CKPT, seconds=4 * DiTConfig.preset("cpu").chunk / 16, minutes=None, fps=16,
+                           memory="sink", window=None, sink=None, prompt=None, sampler=None, steps=None, cfg=None,
+                           topk=None, seed=1, device="cpu")
+    stream = sample.Stream(args)
+    torch.manual_seed(0)
+    latents = []
+    decode = stream.vae.decode
+    stream.vae.decode = lambda z: latents.append(z) or decode(z)
+    frames = np.concatenate(list(stream.chunks()))
+    z = torch.cat(latents)
+    real = stream.vae.encode(torch.from_numpy(to_float(ToyWorld(1).render(0, len(frames)))).float())
+    beyond = lambda x: (x.abs() > 1).float().mean().item()
+    assert beyond(real) > 0.2
+    assert beyond(z) > 0.5 * beyond(real), (beyond(z), beyond(real))
