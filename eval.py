@@ -61,7 +61,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from data import BACKDROP_COLOURS, BACKDROP_SHADE, OCCLUDER_RGB, PALETTE, SHAPES, DataError, ToyWorld, WorldConfig
 from data import to_float, tokenize
-from sample import DEFAULT_CKPT, Stream, add_args, fail, interrupt, output_path
+from sample import DEFAULT_CKPT, Stream, add_args, fail, output_path
 
 # ---- config: every threshold, in RGB units (L2 over the three 0..255 channels) or pixels ----------------------
 DETECT_TOL = 40.0     # object pixel: this close to a palette colour (under half of the 83 between the closest two)
@@ -585,7 +585,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
     except KeyboardInterrupt:

@@ -43,7 +43,7 @@ from vae import VAEConfig, VAETraining, load_vae, train_vae, vae_state
 # ---- defaults: one block, every value is a flag below ------------------------------------------------------
 PRESETS = {   # model preset -> training hyper-parameters
     "tiny":  dict(batch=8,  lr=1e-3, steps=300,   warmup=20,   ema=0.99,  log_every=20,  save_every=100),
-    "cpu":   dict(batch=8,  lr=1e-3, steps=3000,  warmup=100,  ema=0.998, log_every=25,  save_every=100),
+    "cpu":   dict(batch=8,  lr=1e-3, steps=6000,  warmup=100,  ema=0.998, log_every=25,  save_every=100),
     "small": dict(batch=32, lr=3e-4, steps=20000, warmup=1000, ema=0.999, log_every=100, save_every=2000),
     "wan":   dict(batch=1,  lr=2e-6, steps=1000,  warmup=0,    ema=0.99,  log_every=1,   save_every=100),
 }
@@ -126,8 +126,8 @@ def parse(argv=None):
     return args
 
 
-def check(args):
-    """Refuse bad input with one line, before anything is built or written."""
+def check(args) -> dict | None:
+    """Refuse bad input with one line, before anything is built or written. Returns the --init checkpoint."""
     if args.method not in METHODS:
         built = ", ".join(METHODS)
         if args.method in PLANNED:
@@ -166,11 +166,14 @@ def check(args):
         raise SystemExit(f"train.py: error: --vae {args.vae} is not a file (a vae.pt written by vae.py or train.py)")
     if args.vae and cfg.channels == 3:
         raise SystemExit(f"train.py: error: --vae is for a latent preset (--cpu); --{args.preset} models pixels")
-    if args.init:
-        try:
-            check_same_model(load_checkpoint(args.init), cfg)
-        except CheckpointError as e:
-            raise SystemExit(f"train.py: error: --init: {e}")
+    if not args.init:
+        return None
+    try:
+        init = load_checkpoint(args.init)
+        check_same_model(init, cfg)
+    except CheckpointError as e:
+        raise SystemExit(f"train.py: error: --init: {e}")
+    return init
 
 
 def settings(args) -> dict:
@@ -316,8 +319,9 @@ def lock_run_directory(out: str):
 
 
 # ---- training ----------------------------------------------------------------------------------------------
-def train(args):
-    """Train and return the (unwrapped) model. Works alone or as one rank of torchrun."""
+def train(args, init: dict | None = None):
+    """Train and return the (unwrapped) model. Works alone or as one rank of torchrun. init: check(args)'s."""
+    assert (init is None) == (not args.init), "pass the --init checkpoint that check(args) loaded"
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = pick_device(args.device)
     if ddp:
@@ -350,8 +354,8 @@ def train(args):
     folder = VideoFolder(args.data, size=pixels, frames=cfg.frames) if args.data else None
     torch.manual_seed(args.seed)   # identical initial weights on every rank
     model = DiT(cfg).to(device)
-    if args.init:
-        model.load_state_dict(load_checkpoint(args.init)["ema"])   # its size was checked by check()
+    if init is not None:
+        model.load_state_dict(init["ema"])
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=WEIGHT_DECAY)
     torch.manual_seed(rank_seed(args.seed, rank))   # from here on, the noise of the losses: its own per rank
@@ -447,18 +451,14 @@ def train(args):
     return model
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt   # SIGTERM ends a run like Ctrl-C: one line, nothing half-written
-
-
 def main(argv=None):
     args = parse(argv)
-    check(args)
+    init = check(args)
     if args.preset_note:
         print(f"train.py: {args.preset_note}")
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # SIGTERM ends a run like Ctrl-C: one line
     try:
-        train(args)
+        train(args, init)
     except (DataError, CheckpointError) as e:
         raise SystemExit(f"train.py: error: {e}")
     except MemoryError:

@@ -52,6 +52,17 @@ def test_train_then_sample_gives_exact_frame_count(trained, tmp_path):
     assert not any(p.endswith(".part.mp4") for p in os.listdir(tmp_path))
 
 
+def test_init_starts_from_the_checkpoints_ema_weights(trained, tmp_path):
+    sys.path.insert(0, ROOT)
+    import train
+    from model import load_checkpoint
+    args = train.parse(["--tiny", "--steps", "1", "--lr", "1e-12", "--warmup", "0", "--init", trained,
+                        "--out", str(tmp_path / "run"), "--device", "cpu"])
+    model = train.train(args, train.check(args))
+    start = load_checkpoint(trained)["ema"]
+    assert all(torch.allclose(v, start[k], atol=1e-6) for k, v in model.state_dict().items())
+
+
 def test_resume_continues_exactly(tmp_path):
     out = str(tmp_path / "run")
     assert run("train.py", "--tiny", "--steps", "8", "--save-every", "4", "--out", out).returncode == 0
