@@ -13,12 +13,16 @@ single source of truth for both backends:
                    forcing mask): a clean frame sees clean chunks up to its own (block-causal); a noisy
                    frame in chunk c sees clean chunks strictly before c plus the noisy frames of chunk c.
 
+The model asks this file for its masks (`layout_mask` for a training layout, `stream_mask` for a streaming call)
+and attends through `attention`, whatever the mask turned out to be.
+
 On CPU the table becomes a dense boolean token mask for SDPA. On CUDA, training uses FlexAttention with a
 BlockMask built from the same table (dense masks are quadratic in memory; FlexAttention also skips blocks
 that are fully masked). FlexAttention has no CPU backward in torch 2.13, hence the split.
 """
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -214,3 +218,50 @@ def routed_attend(q, k, v, table: torch.Tensor, L: int, topk: int, kernel=None) 
     from kernels.routed_attention import routed_attention                # triton is imported only when used
 
     return routed_attention(q, k, v, table, sel, L)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the model calls: the mask of a layout or a streaming call, and one attention for every kind of mask
+
+@dataclass
+class Routing:
+    """Attend with top-k history routing (routed_attend) instead of a fixed mask."""
+    table: torch.Tensor   # int8 (Fq, Fk) frame table: never / always / candidate
+    L: int                # tokens per frame
+    topk: int
+
+
+_MASKS = {}   # (layout, frames, chunk, window, L, device) -> mask: built once per shape
+
+
+def layout_mask(layout: str, frames: int, chunk: int, L: int, device, window: int | None = None, topk: int = 0,
+                route_sink: int = 0):
+    """The mask of a training layout: None (bidirectional), top-k Routing, or the table of frame_mask as a
+    dense token mask (CPU) or a FlexAttention BlockMask (CUDA)."""
+    if layout == "bidirectional":
+        return None
+    if topk > 0:
+        assert window is None, "history routing replaces the window; use one or the other"
+        return Routing(routing_table(layout, frames, chunk, route_sink), L, topk)
+    key = (layout, frames, chunk, window, L, str(device))
+    if key not in _MASKS:
+        table = frame_mask(layout, frames, chunk, window)
+        _MASKS[key] = block_mask(table, L, device) if device.type == "cuda" else token_mask(table, L).to(device)
+    return _MASKS[key]
+
+
+def stream_mask(cached: list[int], query: int, L: int, topk: int = 0, route_sink: int = 0):
+    """The mask of a streaming call: `query` frames attend to the cached frames (absolute indices `cached`) and
+    themselves. None (all of it) unless routing picks among the history; the cached frames with absolute index
+    < route_sink are then always attended, the same rule as routing_table's."""
+    if topk <= 0 or not cached:
+        return None
+    sinks = sum(f < route_sink for f in cached)
+    return Routing(cache_table(len(cached), sinks, query), L, topk)   # on the host: the kernel plans from it
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """q (B, H, Nq, hd), k/v (B, H, Nk, hd) -> (B, H, Nq, hd) under any mask of this file."""
+    if isinstance(mask, Routing):
+        return routed_attend(q, k, v, mask.table, mask.L, mask.topk)
+    return attend(q, k, v, mask)

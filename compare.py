@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from eval import WINDOW_S, mean, panel
+from metrics import WINDOW_S, mean, panel
 from sample import output_path
 
 FIGURES = ("palette_fidelity", "colour_drift", "count_error", "background_error", "flicker", "motion_retention",

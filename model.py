@@ -15,16 +15,13 @@ It follows Wan2.1's transformer (the model Self Forcing, Rolling Forcing and Lon
 Keys are returned *before* RoPE so the cache can store them position-free (memory.py).
 """
 
-import glob
 import math
-import os
-import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from attention import attend, block_mask, cache_table, frame_mask, routed_attend, routing_table, token_mask
+from attention import attend, attention, layout_mask, stream_mask
 from data import VOCAB
 
 
@@ -121,14 +118,6 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-@dataclass
-class Routing:
-    """Attend with top-k history routing (attention.routed_attend) instead of a fixed mask."""
-    table: torch.Tensor   # int8 (Fq, Fk) frame table: never / always / candidate
-    L: int                # tokens per frame
-    topk: int
-
-
 # ----------------------------------------------------------------------------------------------------------
 # modules, leaf to root
 
@@ -142,7 +131,7 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x, ang_q, ang_k, mask=None, past=None):
-        """x (B, N, D). past = (k, v) pre-RoPE from the cache, (B, Np, H, hd), or None. mask: see attend, or Routing.
+        """x (B, N, D). past = (k, v) pre-RoPE from the cache, (B, Np, H, hd), or None. mask: see attention.py.
 
         ang_k covers the keys [past | x]. Returns the output and this call's own pre-RoPE (k, v).
         """
@@ -154,10 +143,7 @@ class SelfAttention(nn.Module):
             k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
         q, k = apply_rope(q, ang_q).to(v.dtype), apply_rope(k, ang_k).to(v.dtype)   # FlexAttention wants one dtype
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)             # (B, H, N, hd)
-        if isinstance(mask, Routing):
-            o = routed_attend(q, k, v, mask.table, mask.L, mask.topk)
-        else:
-            o = attend(q, k, v, mask)
+        o = attention(q, k, v, mask)
         return self.out(o.transpose(1, 2).reshape(B, N, D)), new_kv
 
 
@@ -245,7 +231,6 @@ class DiT(nn.Module):
         self.head_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.head_modulation = nn.Parameter(torch.zeros(2, D))
         self.head = nn.Linear(D, cfg.channels * cfg.patch ** 2)
-        self._masks = {}
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -273,22 +258,6 @@ class DiT(nn.Module):
         c = self.cfg
         return unpatchify(out, c.patch, c.channels, c.height, c.width)
 
-    def _mask(self, layout, frames, window, device):
-        """Dense token mask on CPU, FlexAttention BlockMask on CUDA, or top-k routing; cached per shape."""
-        if layout == "bidirectional":
-            return None
-        if self.cfg.topk > 0:
-            assert window is None, "history routing replaces the window; use one or the other"
-            return Routing(routing_table(layout, frames, self.cfg.chunk, self.cfg.route_sink),
-                           self.cfg.tokens_per_frame, self.cfg.topk)
-        key = (layout, frames, window, str(device))
-        if key not in self._masks:
-            table = frame_mask(layout, frames, self.cfg.chunk, window)
-            L = self.cfg.tokens_per_frame
-            self._masks[key] = (block_mask(table, L, device) if device.type == "cuda"
-                                else token_mask(table, L).to(device))
-        return self._masks[key]
-
     # -- training layouts ----------------------------------------------------------------------------------
     def forward(self, x, sigma, tokens, layout="block_causal", clean=None, clean_sigma=None, pos=None,
                 window=None):
@@ -309,20 +278,21 @@ class DiT(nn.Module):
             assert clean is None, f"`clean` is only used by teacher_forcing, not {layout}"
         h, t, e = self._embed(x, sigma)
         ang = rope_angles(self.cfg, pos)
-        mask = self._mask(layout, Fr, window, x.device)
+        c = self.cfg
+        mask = layout_mask(layout, Fr, c.chunk, c.tokens_per_frame, x.device, window, c.topk, c.route_sink)
         for block in self.blocks:
             h, _ = block(h, e, ctx, ctx_mask, ang, ang, mask)
         out = self._head(h, t)
         return out[:, Fr:] if layout == "teacher_forcing" else out
 
     # -- streaming -----------------------------------------------------------------------------------------
-    def forward_cached(self, x, sigma, tokens, cache, write=False, prompt=None):
+    def forward_cached(self, x, sigma, tokens, cache, prompt=None):
         """One call of the streaming model: x (B, n, C, H, W) frames of the current chunk (or window) attend,
         unmasked, to the cached frames plus themselves. Positions come from the cache's policy.
 
-        write=True appends this call's keys/values to the cache: use it only for the clean re-cache pass
-        (x = the finished x0 at sigma = 0), never with the noisy keys of a denoising step.
-        prompt: self.text(tokens), computed once by a caller that makes many calls with one prompt.
+        Returns v and this call's keys/values (one pre-RoPE (k, v) per layer). The cache is only read here: the
+        caller writes a call's keys/values (rollout.recache, with the finished x0 at sigma 0), never the noisy
+        keys of a denoising step. prompt: self.text(tokens), computed once by a caller that makes many calls.
         """
         n = x.shape[1]
         ctx, ctx_mask = self.text(tokens) if prompt is None else prompt
@@ -330,92 +300,12 @@ class DiT(nn.Module):
         cache_pos, query_pos = cache.positions(n)
         ang_q = rope_angles(self.cfg, query_pos.to(x.device))
         ang_k = rope_angles(self.cfg, torch.cat([cache_pos, query_pos]).to(x.device))
-        mask = None   # the chunk sees the whole cache and itself, unless routing picks among the history
-        if self.cfg.topk > 0 and len(cache):
-            sinks = sum(f < self.cfg.route_sink for f in cache.frames)   # the same rule as routing_table's
-            table = cache_table(len(cache), sinks, n)   # stays on the host: the kernel plans from it
-            mask = Routing(table, self.cfg.tokens_per_frame, self.cfg.topk)
+        mask = stream_mask(cache.frames, n, self.cfg.tokens_per_frame, self.cfg.topk, self.cfg.route_sink)
         new_kv = []
         for i, block in enumerate(self.blocks):
             h, kv = block(h, e, ctx, ctx_mask, ang_q, ang_k, mask, cache.kv(i))
             new_kv.append(kv)
-        if write:
-            cache.append(new_kv, n)
-        return self._head(h, t)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checkpoints: plain dicts (model, ema, optimizer, config, method, step), loadable with weights_only=True
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable, or not one of ours; the message is one line for the user."""
-
-
-def save_checkpoint(path: str, model, ema, optimizer, method: str, step: int, extra: dict | None = None):
-    """Write atomically: a crash mid-write leaves the previous checkpoint, never a truncated one."""
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-             "config": asdict(model.cfg), "method": method, "step": step, **(extra or {})}
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def export_model(path: str, ckpt: dict):
-    """Write the streaming model of a training checkpoint: its EMA weights in fp16 and what sampling reads (config,
-    method, step, shift, sampler defaults, VAE), without the training state. About a quarter of the checkpoint."""
-    def half(state):
-        return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-
-    keep = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer", "rng", "path")}
-    if "vae" in keep:
-        keep["vae"] = {**keep["vae"], "state": half(keep["vae"]["state"])}
-    tmp = path + ".tmp"
-    torch.save({**keep, "ema": half(ckpt["ema"])}, tmp)
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(directory: str) -> str | None:
-    paths = sorted(glob.glob(os.path.join(directory, "ckpt_*.pt")))
-    return paths[-1] if paths else None
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint file (or the latest ckpt_*.pt of a run directory), with one-line errors."""
-    if os.path.isdir(path):
-        found = latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"no checkpoint (ckpt_*.pt) in directory {path}")
-        path = found
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not zipfile.is_zipfile(path):   # torch.save writes a zip; anything else is not a checkpoint at all
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file (no zip archive)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # torch raises many kinds (pickle, zip, EOF) for a damaged file
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"cannot read checkpoint {path} (damaged or not ours): {type(e).__name__}: {first}")
-    missing = [k for k in ("ema", "config", "method", "step") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} is not a nanoforcing checkpoint (missing {', '.join(missing)})")
-    ckpt["path"] = path
-    return ckpt
-
-
-def check_same_model(ckpt: dict, cfg: DiTConfig):
-    """Raise CheckpointError unless the checkpoint holds weights of exactly cfg's shapes (routing may differ)."""
-    theirs, ours = dict(ckpt["config"]), asdict(cfg)
-    differ = [k for k in ours if k not in ("topk", "route_sink") and theirs.get(k) != ours[k]]
-    if differ:
-        have = ", ".join(f"{k} {theirs.get(k)}" for k in differ)
-        want = ", ".join(f"{k} {ours[k]}" for k in differ)
-        raise CheckpointError(f"{ckpt['path']} is another model size ({have}; this run needs {want})")
-
-
-def model_from_checkpoint(ckpt: dict, ema: bool = True) -> DiT:
-    model = DiT(DiTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["ema" if ema else "model"])
-    return model
+        return self._head(h, t), new_kv
 
 
 def pick_device(name: str | None) -> torch.device:

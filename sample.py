@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import VOCAB, ToyWorld, WorldConfig, to_uint8, tokenize, unknown_words
-from forcing import SamplerConfig, rollout
+from data import VOCAB, ToyWorld, WorldConfig, to_float, to_uint8, tokenize, unknown_words
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from flow import SamplerConfig
 from memory import POLICIES, KVCache, MemoryConfig
-from model import CheckpointError, load_checkpoint, model_from_checkpoint, pick_device
+from model import pick_device
+from rollout import rollout
 from vae import load_vae
 
 # ---- defaults: one block, every value is a flag below ------------------------------------------------------
@@ -140,13 +142,21 @@ class Stream:
                 + f" | top-k {self.model.cfg.topk or 'dense'} "
                 f"| prompt: {self.prompt}")
 
-    def chunks(self):
+    def chunks(self, context=None):
+        """The stream's frames, a chunk at a time. context: uint8 frames (K, H, W, 3), K whole chunks, put into
+        the cache first (a teacher-forced start); they are not yielded again."""
         cfg = self.model.cfg
         tokens = torch.from_numpy(tokenize([self.prompt], cfg.text_len)).to(self.device)
         generator = torch.Generator(self.device).manual_seed(self.seed)
+        if context is not None and len(context):
+            context = torch.from_numpy(to_float(context))[None].to(self.device)
+            context = self.vae.encode(context) if self.vae else context   # a latent model caches latents
+        else:
+            context = None
         written, t0 = 0, time.time()
         with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
-            for x0 in rollout(self.model, tokens, self.n_frames, self.memory, self.sampler, generator, self.cache):
+            for x0 in rollout(self.model, tokens, self.n_frames, self.memory, self.sampler, generator, self.cache,
+                              context):
                 x0 = x0[0, :self.n_frames - written].float()
                 frames = to_uint8((self.vae.decode(x0) if self.vae else x0).cpu().numpy())
                 written += len(frames)

@@ -168,9 +168,9 @@ def frames_batch(rng, n, size=32):
 
 @torch.no_grad()
 def report(vae, x):
-    """PSNR (dB, on uint8 pixels) and palette fidelity (eval.py's definition) of reconstructions of x."""
+    """PSNR (dB, on uint8 pixels) and palette fidelity (metrics.py's definition) of reconstructions of x."""
     from data import to_uint8
-    from eval import classify, palette_fidelity
+    from metrics import classify, palette_fidelity
 
     y = vae.decode(vae.encode(x)).clamp(-1, 1)
     a, b = to_uint8(x.numpy()), to_uint8(y.numpy())

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import eval as E
+import metrics as M
 from data import PALETTE, SHAPES, ToyWorld, WorldConfig, backdrop_image, shape_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +31,7 @@ def world_video(seed, size=32, seconds=60, deterministic=False):
 
 
 def figures(frames, world, tf_start=0):
-    return E.evaluate(frames, world, FPS, tf_start)["figures"]
+    return M.evaluate(frames, world, FPS, tf_start)["figures"]
 
 
 # ---- corruptions: each is meant to be caught by one metric ------------------------------------------------------
@@ -70,7 +71,7 @@ def drop(frames, world, j):
 @pytest.fixture(scope="module")
 def seed3():
     world, frames = world_video(3)   # 4 objects, panning camera, occluder, two background events in 60 s
-    return world, frames, E.evaluate(frames, world, FPS)
+    return world, frames, M.evaluate(frames, world, FPS)
 
 
 # ---- reading frames ---------------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def test_components_match_a_flood_fill():
     colour[0] = -1
     colour[0, 2:20, 2] = colour[0, 19, 2:20] = colour[0, 2:20, 19] = colour[0, 2, 5:19] = 1   # a long hook
     colour[0, 2:17, 5] = colour[0, 16, 5:17] = 1
-    lab = E.components(colour)
+    lab = M.components(colour)
     for n in range(len(colour)):
         expected, seen = -np.ones((24, 24), int), 0
         for y0, x0 in zip(*np.nonzero(colour[n] >= 0)):
@@ -110,9 +111,9 @@ def test_every_toyworld_shape_is_recognised():
         for k, (colour, mask) in enumerate(zip(PALETTE, masks)):
             y, x = 2 + r + (k // 2) * 30, 2 + r + (k % 2) * 30
             frame[y - r:y + r + 1, x - r:x + r + 1][mask] = PALETTE[colour]
-        det = E.objects(frame[None], E.classify(frame[None]), E.MIN_AREA)
+        det = M.objects(frame[None], M.classify(frame[None]), M.MIN_AREA)
         for k, (colour, mask) in enumerate(zip(PALETTE, masks)):
-            c = E.COLOURS.index(colour)
+            c = M.COLOURS.index(colour)
             assert det["present"][0, c] and det["clean"][0, c], (r, SHAPES[k])
             assert det["area"][0, c] == mask.sum() and SHAPES[det["shape"][0, c]] == SHAPES[k], (r, SHAPES[k])
         assert det["present"][0].sum() == len(SHAPES)
@@ -125,7 +126,7 @@ def test_every_toyworld_shape_is_recognised():
 def test_real_video_scores_ideal(seed, size, seconds, deterministic):
     world, frames = world_video(seed, size, seconds, deterministic)
     assert deterministic or world.occluder is not None   # the hard case: panning camera and occluder
-    r = E.evaluate(frames, world, FPS)
+    r = M.evaluate(frames, world, FPS)
     f, curves = r["figures"], r["curves"]
     assert curves["palette_fidelity"].min() >= 0.999
     assert np.nanmax(curves["colour_drift"]) < 1e-9
@@ -152,19 +153,19 @@ def test_real_video_scores_ideal(seed, size, seconds, deterministic):
 
 def test_teacher_forced_continuation_of_the_truth_is_perfect():
     world, frames = world_video(5, seconds=9, deterministic=True)
-    r = E.evaluate(frames, world, FPS, tf_start=4)
+    r = M.evaluate(frames, world, FPS, tf_start=4)
     assert np.isnan(r["curves"]["psnr"][:4]).all()
     assert list(r["horizon"]["psnr"]) == ["0.5s", "1s", "2s", "4s", "8s", "16s"]
-    assert all(v == E.PSNR_CAP for v in r["horizon"]["psnr"].values())
+    assert all(v == M.PSNR_CAP for v in r["horizon"]["psnr"].values())
     assert all(abs(v - 1) < 1e-12 for v in r["horizon"]["ssim"].values())
     worse = frames.copy()
     worse[4:] = blur(frames[4:])
-    bad = E.evaluate(worse, world, FPS, tf_start=4)["figures"]
+    bad = M.evaluate(worse, world, FPS, tf_start=4)["figures"]
     assert bad["ssim"] < 0.9 and bad["psnr"] < 30 and bad["palette_fidelity"] < 0.95
     late = frames.copy()
     late[4 + 4 * FPS:] = noise(frames[4 + 4 * FPS:], 20)   # damage after 4 s: only the late horizons drop
-    by = E.evaluate(late, world, FPS, tf_start=4)["horizon"]["psnr"]
-    assert by["4s"] == by["0.5s"] == E.PSNR_CAP and by["8s"] < 30
+    by = M.evaluate(late, world, FPS, tf_start=4)["horizon"]["psnr"]
+    assert by["4s"] == by["0.5s"] == M.PSNR_CAP and by["8s"] < 30
 
 
 # ---- each corruption moves its metric ---------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def test_frozen_second_half_kills_motion_retention(seed3):
 def test_dropped_object_raises_count_error(seed3):
     world, frames, real = seed3
     j = world.scenes[0][0][0]
-    dropped = E.evaluate(drop(frames, world, j), world, FPS)
+    dropped = M.evaluate(drop(frames, world, j), world, FPS)
     assert dropped["figures"]["count_error"] > real["figures"]["count_error"] + 0.3
     shown = [t for t in range(len(frames)) if all(o["visible"] >= 0.9 for o in world.state(t)["objects"]
                                                    if o["id"] == j)]
@@ -217,7 +218,7 @@ def test_shape_swap_after_a_gap_breaks_identity(seed3):
     start = gap["start"] + gap["frames"] - 1   # the object comes back with another shape
     swapped = frames.copy()
     swapped[start:] = swapped_world.render(start, len(frames) - start)
-    r = E.evaluate(swapped, world, FPS)
+    r = M.evaluate(swapped, world, FPS)
     assert r["figures"]["identity_match"] < 1
     assert any(g["colour"] == gap["colour"] and g["start"] == gap["start"] and g["match"] is False for g in r["gaps"])
 
@@ -226,10 +227,10 @@ def test_ignoring_a_prompt_switch_never_matches(seed3):
     world, frames, real = seed3
     assert [s["frames_to_match"] for s in real["prompt_switch"]] == [0, 0]   # two background changes
     held = ToyWorld(3, WorldConfig(horizon_s=0.0)).render(0, len(frames))   # the first scene forever
-    assert [s["frames_to_match"] for s in E.evaluate(held, world, FPS)["prompt_switch"]] == [None, None]
+    assert [s["frames_to_match"] for s in M.evaluate(held, world, FPS)["prompt_switch"]] == [None, None]
     late = frames.copy()
     late[300:340] = held[300:340]   # the new background arrives 40 frames late
-    assert E.evaluate(late, world, FPS)["prompt_switch"][0]["frames_to_match"] == 40
+    assert M.evaluate(late, world, FPS)["prompt_switch"][0]["frames_to_match"] == 40
 
 
 # ---- drift summaries --------------------------------------------------------------------------------------------
@@ -238,15 +239,15 @@ def test_drift_of_a_linear_curve_is_exact():
     n, a, b = 2 * 60 * FPS, 0.7, -0.25   # two minutes of y = a + b * minutes
     t = np.arange(n) / (60 * FPS)
     y = a + b * t
-    d = E.drift(y, FPS)
+    d = M.drift(y, FPS)
     w = 5 * FPS
     first, last = a + b * t[:w].mean(), a + b * t[-w:].mean()
     assert d["first"] == pytest.approx(first, abs=1e-12) and d["last"] == pytest.approx(last, abs=1e-12)
     assert d["delta"] == pytest.approx(last - first, abs=1e-12) and d["abs_delta"] == pytest.approx(first - last)
     assert d["slope_per_min"] == pytest.approx(b, abs=1e-12)
     y[::7] = np.nan   # undefined frames are skipped, the line is the same
-    assert E.drift(y, FPS)["slope_per_min"] == pytest.approx(b, abs=1e-12)
-    short = E.drift(np.arange(10.0), FPS)   # shorter than two windows: each window is half the video
+    assert M.drift(y, FPS)["slope_per_min"] == pytest.approx(b, abs=1e-12)
+    short = M.drift(np.arange(10.0), FPS)   # shorter than two windows: each window is half the video
     assert short["first"] == 2 and short["last"] == 7 and short["delta"] == 5
 
 
@@ -302,8 +303,8 @@ def test_cli_samples_and_scores_a_checkpoint(trained, tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "tf" / "eval.json").read_text())
     assert result["frames"] == 2 + FPS and result["curves"]["psnr"][:2] == [None, None]
-    assert set(result["horizon"]["psnr"]) == {"0.5s", "1s"} and result["reference"]["psnr"] == E.PSNR_CAP
-    assert result["figures"]["psnr"] < E.PSNR_CAP   # four training steps do not continue the world
+    assert set(result["horizon"]["psnr"]) == {"0.5s", "1s"} and result["reference"]["psnr"] == M.PSNR_CAP
+    assert result["figures"]["psnr"] < M.PSNR_CAP   # four training steps do not continue the world
 
 
 def test_bad_input_gives_one_error_line(trained, tmp_path):
@@ -336,7 +337,7 @@ def test_compare_averages_streams_and_draws_every_model(seed3, tmp_path):
     import compare
 
     world, frames, real = seed3
-    shifted = E.evaluate(colour_shift(frames), world, FPS)
+    shifted = M.evaluate(colour_shift(frames), world, FPS)
     for name, result in (("a", real), ("b", shifted), ("c", real)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "eval.json").write_text(json.dumps(E.plain({**result, "frames": len(frames), "fps": FPS})))

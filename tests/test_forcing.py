@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from forcing import (LOSSES, ResamplingConfig, SamplerConfig, add_noise, euler_sigmas, few_step_sigmas,
-                     resample_history, rollout, sample_euler, sample_few_step, shift_sigma, to_x0)
+from flow import (SamplerConfig, add_noise, euler_sigmas, few_step_sigmas, sample_euler, sample_few_step, shift_sigma,
+                  to_x0)
+from forcing import LOSSES, ResamplingConfig, resample_history
 from memory import MemoryConfig
 from model import DiT, DiTConfig
+from rollout import rollout
 
 
 def test_shift_and_warped_few_step_list():

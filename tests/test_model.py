@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from forcing import SamplerConfig, rollout
+from flow import SamplerConfig
 from memory import KVCache, MemoryConfig
 from model import DiT, DiTConfig
+from rollout import recache, rollout
 
 
 
@@ -81,8 +82,8 @@ def test_streaming_cache_equals_full_forward(policy, window):
     c = cfg.chunk
     for j in range(x.shape[1] // c):
         noisy = x[:, j * c:(j + 1) * c]
-        streamed = model.forward_cached(noisy, sigma[:, j * c:(j + 1) * c], tokens, cache)
-        model.forward_cached(clean[:, j * c:(j + 1) * c], torch.zeros(2, c), tokens, cache, write=True)
+        streamed, _ = model.forward_cached(noisy, sigma[:, j * c:(j + 1) * c], tokens, cache)
+        recache(model, clean[:, j * c:(j + 1) * c], tokens, cache)
         seq = torch.cat([clean[:, :j * c], noisy], 1)
         sig = torch.cat([torch.zeros_like(sigma[:, :j * c]), sigma[:, j * c:(j + 1) * c]], 1)
         full = model(seq, sig, tokens, layout="block_causal", window=window)[:, j * c:]
@@ -168,8 +169,8 @@ def test_routed_streaming_equals_routed_full_forward(topk, policy, route_sink):
     c = cfg.chunk
     tf = model(x, sigma, tokens, layout="teacher_forcing", clean=clean)
     for j in range(x.shape[1] // c):
-        streamed = model.forward_cached(x[:, j * c:(j + 1) * c], sigma[:, j * c:(j + 1) * c], tokens, cache)
-        model.forward_cached(clean[:, j * c:(j + 1) * c], torch.zeros(2, c), tokens, cache, write=True)
+        streamed, _ = model.forward_cached(x[:, j * c:(j + 1) * c], sigma[:, j * c:(j + 1) * c], tokens, cache)
+        recache(model, clean[:, j * c:(j + 1) * c], tokens, cache)
         assert (streamed - tf[:, j * c:(j + 1) * c]).abs().max() <= 1e-4, f"chunk {j}"
 
 

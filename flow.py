@@ -1,0 +1,100 @@
+"""
+Flow matching (rectified flow, as in Wan and Self Forcing) and the samplers that integrate it.
+
+A frame at noise level sigma in [0, 1] is
+    x_t = (1 - sigma) x0 + sigma eps,
+the model predicts the velocity v = eps - x0, so x0 = x_t - sigma v. Noise levels are warped by the timestep
+shift sigma' = s sigma / (1 + (s - 1) sigma), which spends more of training and sampling at high noise, where
+the layout of a frame is decided (s = 1 is the identity; docs/cpu-recipe.md says why the small presets use it).
+
+Two samplers turn pure noise for one chunk into x0, calling `denoise(x, sigma) -> v`:
+  euler  the many-step flow ODE, with classifier-free guidance (the models trained by flow matching);
+  few    predict x0, re-noise it with fresh noise to the next level, repeat (the distilled few-step models of
+         Self Forcing, Rolling Forcing and Context Forcing, at the levels of the notes' few-step lists).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+def shift_sigma(sigma, s: float):
+    """Timestep shift: sigma' = s sigma / (1 + (s - 1) sigma). s = 1 is the identity."""
+    return s * sigma / (1 + (s - 1) * sigma)
+
+
+def expand(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma[:, :, None, None, None]   # (B, F) -> (B, F, 1, 1, 1) to broadcast over frames
+
+
+def add_noise(x0, sigma, eps):
+    return (1 - expand(sigma)) * x0 + expand(sigma) * eps
+
+
+def to_x0(x_t, sigma, v):
+    return x_t - expand(sigma) * v
+
+
+def chunk_sigma(batch: int, frames: int, chunk: int, shift: float, device, generator=None) -> torch.Tensor:
+    """Training noise levels (B, F): one shifted-uniform sigma per chunk, shared by its frames."""
+    u = torch.rand(batch, frames // chunk, device=device, generator=generator)
+    return shift_sigma(u, shift).repeat_interleave(chunk, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# samplers
+
+@dataclass
+class SamplerConfig:
+    kind: str = "euler"         # "euler": many-step flow ODE with CFG; "few": predict x0, re-noise (distilled)
+    steps: int = 16             # euler steps
+    cfg: float = 3.0            # classifier-free guidance scale (euler); 1 = off
+    shift: float = 3.0          # timestep shift of the step grid
+    levels: tuple = (1.0, 0.75, 0.5, 0.25)   # few-step levels before the shift
+    clip: float | None = 1.0    # |x0| bound of the data: pixels live in [-1, 1]; VAE latents are unbounded (None)
+
+    @property
+    def guided(self) -> bool:
+        """Does a denoising call run the prompt and the null prompt side by side (a batch of 2B)?"""
+        return self.kind == "euler" and self.cfg != 1.0
+
+    def sigmas(self) -> list[float]:
+        if self.kind == "euler":
+            return euler_sigmas(self.steps, self.shift)
+        return few_step_sigmas(self.levels, self.shift)
+
+
+def euler_sigmas(steps: int, shift: float) -> list[float]:
+    """steps + 1 noise levels from 1 down to 0, evenly spaced then shifted."""
+    return [float(shift_sigma(1 - i / steps, shift)) for i in range(steps + 1)]
+
+
+def few_step_sigmas(levels, shift: float) -> list[float]:
+    """The warped few-step list: [1, .75, .5, .25] at s = 5 feeds [1, .9375, .8333, .625]."""
+    return [float(shift_sigma(s, shift)) for s in levels]
+
+
+def sample_euler(denoise, noise, sigmas):
+    x = noise
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (s_next - s) * denoise(x, s)
+    return x
+
+
+def sample_few_step(denoise, noise, sigmas, generator=None):
+    """Consistency-style sampler of the distilled models: predict x0, re-noise it with fresh noise."""
+    x = noise
+    for i, s in enumerate(sigmas):
+        x0 = x - s * denoise(x, s)
+        if i + 1 == len(sigmas):
+            return x0
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps
+
+
+def sample(sampler: SamplerConfig, denoise, noise, generator=None):
+    """x0 of one chunk from pure noise, by the sampler's kind, clipped to the data's range if it has one."""
+    sigmas = sampler.sigmas()
+    x0 = sample_euler(denoise, noise, sigmas) if sampler.kind == "euler" else \
+        sample_few_step(denoise, noise, sigmas, generator)
+    return x0 if sampler.clip is None else x0.clamp(-sampler.clip, sampler.clip)
