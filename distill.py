@@ -1,0 +1,117 @@
+"""
+Distribution matching distillation (DMD) of a causal few-step student on its own rollouts: Self Forcing.
+
+Self Forcing (Huang et al. 2025) trains the streaming student on what it makes itself: the few-step sampler
+runs inside training, chunk after chunk through the KV cache with the clean re-cache, exactly as at inference,
+and a clip-level loss compares the finished clip with what a good model would make. That loss is DMD (Yin et
+al. 2024), which needs two more models, both bidirectional clip models:
+  score   the real score: a frozen model trained on the world's videos (train.py --method bidirectional),
+          guided by classifier-free guidance in DMD's form cond + g (cond - uncond);
+  critic  the fake score: the same kind of model, trained by flow matching on the *student's* samples, so it
+          knows the distribution the student makes now. It takes several steps per student step.
+The gradient that moves a student sample x is the difference of the two scores' x0 predictions at a noised
+copy of x, (critic - score), normalised per sample by mean |x - score's x0| (DMD eq. 8); the loss
+0.5 |x - sg(x - grad)|^2 has exactly that gradient. Where critic and score agree, the student is not moved.
+
+The rollout keeps the gradient small and honest (notes 4.1): one few-step index, drawn per rollout and shared by
+every chunk, is the exit step: chunk by chunk the sampler runs without gradient up to that step, the exit step
+runs with gradient and its x0 prediction is the chunk's output. The re-cache of that output runs without
+gradient, and the cache holds detached keys, so no gradient crosses from one chunk into another through
+attention: each chunk's gradient path is its own exit-step forward.
+
+Sizes and schedule follow the reference (notes 1.4): the DMD noise level t is one per clip, uniform then
+shifted, clamped to [0.02, 0.98]; the critic has no guidance and no prompt dropout.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flow import add_noise, few_step_sigmas, shift_sigma, to_x0
+from memory import KVCache, MemoryConfig
+from rollout import recache
+
+
+@dataclass
+class DMDConfig:
+    levels: tuple = (1.0, 0.75, 0.5, 0.25)   # the student's few-step list before the shift (its W for rolling)
+    shift: float = 1.0            # warp of the few-step list and of DMD's noise level (the score's training shift)
+    guidance: float = 3.0         # the score's guidance g in DMD's form cond + g (cond - uncond) (= standard g + 1)
+    t_min: float = 0.02           # DMD's noise level is clamped to [t_min, t_max]
+    t_max: float = 0.98
+    critic_steps: int = 5         # critic updates per student update
+
+
+def dmd_sigma(batch: int, frames: int, cfg: DMDConfig, device, generator=None) -> torch.Tensor:
+    """DMD's noise levels (B, F): one per clip (the score and critic are clip models), shifted, clamped."""
+    u = torch.rand(batch, 1, device=device, generator=generator)
+    return shift_sigma(u, cfg.shift).clamp(cfg.t_min, cfg.t_max).expand(batch, frames)
+
+
+def guided_x0(score, x_t, sigma, tokens, guidance: float) -> torch.Tensor:
+    """The real score's x0 at x_t with guidance in DMD's form: cond + g (cond - uncond), one batch of 2B."""
+    B = x_t.shape[0]
+    v = score(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([tokens, torch.zeros_like(tokens)]),
+              layout="bidirectional").float()
+    v_cond, v_null = v[:B], v[B:]
+    return to_x0(x_t, sigma, v_cond + guidance * (v_cond - v_null))   # x0 is linear in v: guide either
+
+
+def dmd_loss(x, tokens, score, critic, cfg: DMDConfig, generator=None):
+    """The student's loss on its rollout x (B, F, C, H, W), which carries the gradient.
+
+    Returns (loss, grad) where grad = (critic x0 - score x0) / mean|x - score x0| is what the loss pushes x by:
+    d loss / d x = grad / numel. Computed without gradient, in fp32.
+    """
+    B, Fr = x.shape[:2]
+    with torch.no_grad():
+        xd = x.detach().float()
+        sigma = dmd_sigma(B, Fr, cfg, x.device, generator)
+        x_t = add_noise(xd, sigma, torch.randn(xd.shape, device=x.device, generator=generator))
+        fake = to_x0(x_t, sigma, critic(x_t, sigma, tokens, layout="bidirectional").float())
+        real = guided_x0(score, x_t, sigma, tokens, cfg.guidance)
+        norm = (xd - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)   # per sample (DMD eq. 8)
+        grad = torch.nan_to_num((fake - real) / norm)
+    loss = 0.5 * F.mse_loss(x.float(), (xd - grad).detach())
+    return loss, grad
+
+
+def critic_loss(critic, x, tokens, cfg: DMDConfig, generator=None):
+    """Flow matching of the critic on the student's samples x (detached): its v at x_t against eps - x."""
+    x = x.detach().float()
+    B, Fr = x.shape[:2]
+    sigma = dmd_sigma(B, Fr, cfg, x.device, generator)
+    eps = torch.randn(x.shape, device=x.device, generator=generator)
+    v = critic(add_noise(x, sigma, eps), sigma, tokens, layout="bidirectional")
+    return F.mse_loss(v.float(), eps - x)
+
+
+def self_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: MemoryConfig, exit_step: int,
+                 generator=None):
+    """The student's few-step rollout of n_frames (whole chunks) through its KV cache: (B, n_frames, C, H, W).
+
+    Every chunk runs the few-step sampler without gradient up to `exit_step`; that step runs with gradient (if
+    grad is enabled at all) and its x0 prediction is the chunk. The clean re-cache runs without gradient.
+    """
+    c = model.cfg
+    assert n_frames % c.chunk == 0 and 0 <= exit_step < len(cfg.levels), (n_frames, exit_step)
+    B, device = tokens.shape[0], tokens.device
+    sigmas = few_step_sigmas(cfg.levels, cfg.shift)
+    cache = KVCache(memory, c.depth)
+    prompt = model.text(tokens)
+    chunks = []
+    for _ in range(n_frames // c.chunk):
+        x = torch.randn(B, c.chunk, c.channels, c.height, c.width, device=device, generator=generator)
+        for i, s in enumerate(sigmas):
+            sigma = torch.full((B, c.chunk), s, device=device)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i == exit_step):
+                x0 = to_x0(x, sigma, model.forward_cached(x, sigma, tokens, cache, prompt=prompt)[0].float())
+            if i == exit_step:
+                break
+            eps = torch.randn(x0.shape, device=device, generator=generator)
+            x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps
+        with torch.no_grad():
+            recache(model, x0.detach(), tokens, cache, prompt)
+        chunks.append(x0)
+    return torch.cat(chunks, dim=1)
