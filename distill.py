@@ -1,5 +1,6 @@
 """
-Distribution matching distillation (DMD) of a causal few-step student on its own rollouts: Self Forcing.
+Distribution matching distillation (DMD) of a causal few-step student on its own rollouts: Self Forcing and
+Rolling Forcing.
 
 Self Forcing (Huang et al. 2025) trains the streaming student on what it makes itself: the few-step sampler
 runs inside training, chunk after chunk through the KV cache with the clean re-cache, exactly as at inference,
@@ -19,6 +20,10 @@ runs with gradient and its x0 prediction is the chunk's output. The re-cache of 
 gradient, and the cache holds detached keys, so no gradient crosses from one chunk into another through
 attention: each chunk's gradient path is its own exit-step forward.
 
+Rolling Forcing (Liu et al. 2025) trains on its own schedule (rollout.rolling_windows): the graded calls are
+the windows w with w = exit (mod W), which tile the chunks without overlap, so every chunk gets exactly one
+graded x0 prediction, at the noise level its window gave it (notes 6.3).
+
 Sizes and schedule follow the reference (notes 1.4): the DMD noise level t is one per clip, uniform then
 shifted, clamped to [0.02, 0.98]; the critic has no guidance and no prompt dropout.
 """
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 
 from flow import add_noise, few_step_sigmas, shift_sigma, to_x0
 from memory import KVCache, MemoryConfig
-from rollout import recache
+from rollout import recache, rolling_windows
 
 
 @dataclass
@@ -115,3 +120,24 @@ def self_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: MemoryCon
             recache(model, x0.detach(), tokens, cache, prompt)
         chunks.append(x0)
     return torch.cat(chunks, dim=1)
+
+
+def rolling_train_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: MemoryConfig, exit_window: int,
+                          generator=None):
+    """Rolling Forcing's training rollout (notes 6.3): the rolling schedule of rollout.rolling_windows, where the
+    windows w with w % W == exit_window run with gradient. Those windows do not overlap and together cover every
+    chunk once, so each chunk's output is its one graded x0 prediction, at the level its window gave it.
+    """
+    c, W = model.cfg, len(cfg.levels)
+    assert n_frames % c.chunk == 0 and 0 <= exit_window < W, (n_frames, exit_window)
+    n = n_frames // c.chunk
+    out = [None] * n
+    graded = lambda w: w % W == exit_window
+    cache = KVCache(memory, c.depth)
+    for w, first, x0 in rolling_windows(model, tokens, n, few_step_sigmas(cfg.levels, cfg.shift), cache,
+                                        generator=generator, graded=graded):
+        if graded(w):
+            for j, part in enumerate(x0.split(c.chunk, dim=1), start=first):
+                assert out[j] is None, f"chunk {j} graded twice"
+                out[j] = part
+    return torch.cat(out, dim=1)

@@ -12,13 +12,19 @@ With classifier-free guidance the prompt and the null prompt run side by side as
 [0, B) prompted, rows [B, 2B) with the null prompt, each with its own half of the cache (their keys differ,
 because cross-attention reads different prompts). `prompts` builds that batch; `recache` repeats the frames
 to match it.
+
+Rolling Forcing (Liu et al. 2025) replaces the chunk-by-chunk schedule by a window of W chunks at rising noise
+levels, W = the number of few-step levels: each call denoises the whole window jointly (bidirectional inside
+it, the cache before it), the oldest chunk leaves it finished and is re-cached, the others are re-noised to
+their next level, and a fresh chunk of pure noise enters at the back. Every chunk is thus evaluated at exactly
+the W levels, in order, one per window, at one forward per emitted chunk plus its re-cache.
 """
 
 import math
 
 import torch
 
-from flow import SamplerConfig, sample
+from flow import SamplerConfig, sample, to_x0
 from memory import KVCache, MemoryConfig
 
 
@@ -34,6 +40,17 @@ def recache(model, x0, text, cache: KVCache, prompt=None):
     x = x0.repeat(text.shape[0] // x0.shape[0], 1, 1, 1, 1)                  # (B or 2B, n, C, H, W)
     _, kv = model.forward_cached(x, torch.zeros(x.shape[:2], device=x.device), text, cache, prompt=prompt)
     cache.append(kv, x.shape[1])
+
+
+def prefill(model, context, text, cache: KVCache, prompt=None):
+    """Write clean frames context (B, K, C, H, W), K whole chunks, into the cache chunk by chunk by the re-cache
+    pass, as if the stream had made them: a teacher-forced start. None writes nothing."""
+    if context is None:
+        return
+    chunk = model.cfg.chunk
+    assert context.shape[1] % chunk == 0, f"context of {context.shape[1]} frames, chunks of {chunk}"
+    for i in range(0, context.shape[1], chunk):
+        recache(model, context[:, i:i + chunk], text, cache, prompt)
 
 
 def denoiser(model, text, cache: KVCache, prompt, cfg: float):
@@ -63,13 +80,66 @@ def rollout(model, tokens, n_frames: int, memory: MemoryConfig, sampler: Sampler
     text = prompts(tokens, sampler.guided)
     cache = KVCache(memory, cfg.depth) if cache is None else cache
     prompt = model.text(text)   # one prompt for the whole stream: encode it once
-    if context is not None:
-        assert context.shape[1] % chunk == 0, f"context of {context.shape[1]} frames, chunks of {chunk}"
-        for i in range(0, context.shape[1], chunk):
-            recache(model, context[:, i:i + chunk], text, cache, prompt)
+    prefill(model, context, text, cache, prompt)
     denoise = denoiser(model, text, cache, prompt, sampler.cfg)
     for _ in range(math.ceil(n_frames / chunk)):
         noise = torch.randn(B, chunk, cfg.channels, cfg.height, cfg.width, device=tokens.device, generator=generator)
         x0 = sample(sampler, denoise, noise, generator)
         recache(model, x0, text, cache, prompt)
         yield x0
+
+
+def rolling_windows(model, tokens, n_chunks: int, sigmas: list[float], cache: KVCache, prompt=None, generator=None,
+                    graded=lambda w: False, clip: float | None = None):
+    """Rolling Forcing's windows over n_chunks chunks (notes 6.1), yielding (w, first, x0) per window w: the x0
+    prediction (B, k * chunk, C, H, W) of the window's chunks first..first + k - 1, oldest first.
+
+    sigmas: the W few-step levels, highest first. Window w holds chunks max(0, w - W + 1)..min(n_chunks - 1, w);
+    chunk j sits in it at level sigmas[w - j], so the oldest is at the lowest level and leaves finished (its x0
+    of this window is its frame), while the windows ramp up at the start and down at the end. Only finished
+    chunks are cached, so while the window ramps up it sees only itself. graded(w): run window w with gradient
+    (distillation); every other call, and every re-cache, runs without. clip: as SamplerConfig.clip, applied
+    to a finished chunk before it is cached (the yielded x0 is the model's, unclipped).
+    """
+    c, W, B = model.cfg, len(sigmas), tokens.shape[0]
+    prompt = model.text(tokens) if prompt is None else prompt
+    noisy = {}   # chunk index -> its noisy frames at the level of its next window
+    for w in range(n_chunks + W - 1):
+        if w < n_chunks:
+            noisy[w] = torch.randn(B, c.chunk, c.channels, c.height, c.width, device=tokens.device,
+                                   generator=generator)
+        first, last = max(0, w - W + 1), min(n_chunks - 1, w)
+        x = torch.cat([noisy[j] for j in range(first, last + 1)], dim=1)               # (B, k * chunk, C, H, W)
+        levels = torch.tensor([sigmas[w - j] for j in range(first, last + 1)], device=tokens.device)
+        sigma = levels.repeat_interleave(c.chunk)[None].expand(B, -1)                  # (B, k * chunk)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and graded(w)):
+            x0 = to_x0(x, sigma, model.forward_cached(x, sigma, tokens, cache, prompt=prompt)[0].float())
+        for j, x0_j in zip(range(first, last + 1), x0.detach().split(c.chunk, dim=1)):
+            k = w - j + 1   # the chunk's next level
+            if k < W:
+                eps = torch.randn(x0_j.shape, device=x0_j.device, generator=generator)
+                noisy[j] = (1 - sigmas[k]) * x0_j + sigmas[k] * eps
+        if w - first == W - 1:   # the oldest chunk is finished: it leaves the window and enters the cache
+            done = x0[:, :c.chunk].detach()
+            with torch.no_grad():
+                recache(model, done if clip is None else done.clamp(-clip, clip), tokens, cache, prompt)
+            del noisy[first]
+        yield w, first, x0
+
+
+@torch.no_grad()
+def rolling_rollout(model, tokens, n_frames: int, memory: MemoryConfig, sampler: SamplerConfig, generator=None,
+                    cache: KVCache | None = None, context: torch.Tensor | None = None):
+    """Stream n_frames (whole chunks) on Rolling Forcing's schedule, yielding each chunk (B, chunk, C, H, W) as
+    it leaves the window. A few-step (distilled) sampler: its levels are the window's, no guidance. context: as
+    for rollout."""
+    assert sampler.kind == "few", "the rolling schedule runs the few-step levels of a distilled model"
+    cfg = model.cfg
+    cache = KVCache(memory, cfg.depth) if cache is None else cache
+    prefill(model, context, tokens, cache)
+    W = len(sampler.levels)
+    for w, first, x0 in rolling_windows(model, tokens, math.ceil(n_frames / cfg.chunk), sampler.sigmas(), cache,
+                                        generator=generator, clip=sampler.clip):
+        if w - first == W - 1:
+            chunk = x0[:, :cfg.chunk]
+            yield chunk if sampler.clip is None else chunk.clamp(-sampler.clip, sampler.clip)

@@ -24,7 +24,7 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from flow import SamplerConfig
 from memory import POLICIES, KVCache, MemoryConfig
 from model import pick_device
-from rollout import rollout
+from rollout import rolling_rollout, rollout
 from vae import load_vae
 
 # ---- defaults: one block, every value is a flag below ------------------------------------------------------
@@ -52,6 +52,9 @@ def add_args(p, prompt=True):
     p.add_argument("--sampler", default=None, choices=("euler", "few"),
                    help="euler: many-step flow ODE with guidance; few: predict x0 and re-noise (distilled models). "
                         "Default: the one the checkpoint's method was trained for")
+    p.add_argument("--schedule", default="chunked", choices=("chunked", "rolling"),
+                   help="chunked: finish each chunk, then the next; rolling: a window of --steps chunks at rising noise "
+                        "(Rolling Forcing; distilled models, --sampler few)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"denoising calls per chunk (default: the checkpoint's own, else {STEPS})")
     p.add_argument("--cfg", type=float, default=None,
@@ -103,11 +106,27 @@ class Stream:
         self.vae = load_vae(ckpt["vae"]).to(self.device) if "vae" in ckpt else None   # latent models decode frames
         self.size = self.model.cfg.height * (self.vae.factor if self.vae else 1)   # frame size in pixels
         cfg = self.model.cfg
-        default_window = cfg.frames - cfg.chunk - (cfg.chunk if args.memory == "sink" else 0)
+        kind = args.sampler or SAMPLER[ckpt["method"]]
+        own = ckpt["sampler"] if "sampler" in ckpt and kind == "euler" else {"steps": STEPS[kind], "cfg": CFG}
+        steps = args.steps or own["steps"]
+        self.sampler = SamplerConfig(kind=kind, steps=steps, cfg=own["cfg"] if args.cfg is None else args.cfg,
+                                     shift=ckpt["shift"],
+                                     levels=tuple(1 - i / steps for i in range(steps)),
+                                     clip=None if self.vae else 1.0)
+        self.schedule = args.schedule
+        query = cfg.chunk   # frames a denoising call makes: one chunk, or the rolling window of `steps` chunks
+        if args.schedule == "rolling":
+            if kind != "few":
+                fail("--schedule rolling runs the few-step levels of a distilled model: add --sampler few")
+            query = steps * cfg.chunk
+            if query + (cfg.chunk if args.memory == "sink" else 0) >= cfg.frames:
+                fail(f"a rolling window of {steps} chunks ({query} frames) leaves no history in the {cfg.frames} "
+                     f"frames the model was trained on: use fewer --steps")
+        default_window = cfg.frames - query - (cfg.chunk if args.memory == "sink" else 0)
         self.memory = MemoryConfig(policy=args.memory, window=default_window if args.window is None else args.window,
                                    sink=cfg.chunk if args.sink is None else args.sink)
         try:
-            self.memory.check(cfg.chunk, cfg.frames)
+            self.memory.check(query, cfg.frames)
         except ValueError as e:
             fail(e)
         if args.topk is not None:
@@ -123,13 +142,6 @@ class Stream:
         if unknown:
             print(f"{PROG}: warning: not in the vocabulary, read as <unk>: {', '.join(unknown)} (the words the model "
                   f"knows are data.VOCAB: {' '.join(VOCAB[2:])})", file=sys.stderr)
-        kind = args.sampler or SAMPLER[ckpt["method"]]
-        own = ckpt["sampler"] if "sampler" in ckpt and kind == "euler" else {"steps": STEPS[kind], "cfg": CFG}
-        steps = args.steps or own["steps"]
-        self.sampler = SamplerConfig(kind=kind, steps=steps, cfg=own["cfg"] if args.cfg is None else args.cfg,
-                                     shift=ckpt["shift"],
-                                     levels=tuple(1 - i / steps for i in range(steps)),
-                                     clip=None if self.vae else 1.0)
         self.cache = KVCache(self.memory, cfg.depth)
         self.seed = args.seed
         self.times = []   # seconds spent on each chunk
@@ -137,7 +149,7 @@ class Stream:
     def describe(self) -> str:
         c = self.ckpt
         return (f"{c['path']} ({c['method']}, step {c['step']}) | {self.n_frames} frames | memory {self.memory.policy} "
-                f"| {self.sampler.kind} x {self.sampler.steps}"
+                f"| {self.sampler.kind} x {self.sampler.steps}" + (", rolling" if self.schedule == "rolling" else "")
                 + (f", guidance {self.sampler.cfg:g}" if self.sampler.kind == "euler" else "")
                 + f" | top-k {self.model.cfg.topk or 'dense'} "
                 f"| prompt: {self.prompt}")
@@ -155,8 +167,9 @@ class Stream:
             context = None
         written, t0 = 0, time.time()
         with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
-            for x0 in rollout(self.model, tokens, self.n_frames, self.memory, self.sampler, generator, self.cache,
-                              context):
+            stream = rolling_rollout if self.schedule == "rolling" else rollout
+            for x0 in stream(self.model, tokens, self.n_frames, self.memory, self.sampler, generator, self.cache,
+                             context):
                 x0 = x0[0, :self.n_frames - written].float()
                 frames = to_uint8((self.vae.decode(x0) if self.vae else x0).cpu().numpy())
                 written += len(frames)

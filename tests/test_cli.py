@@ -63,6 +63,14 @@ def test_init_starts_from_the_checkpoints_ema_weights(trained, tmp_path):
     assert all(torch.allclose(v, start[k], atol=1e-6) for k, v in model.state_dict().items())
 
 
+def test_rolling_schedule_streams_the_exact_frame_count(trained, tmp_path):
+    out = str(tmp_path / "v.mp4")
+    r = run("sample.py", "--ckpt", trained, "--seconds", "1", "--schedule", "rolling", "--sampler", "few", "--steps",
+            "2", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "few x 2, rolling" in r.stdout and sum(1 for _ in imageio.get_reader(out)) == 16
+
+
 def test_resume_continues_exactly(tmp_path):
     out = str(tmp_path / "run")
     assert run("train.py", "--tiny", "--steps", "8", "--save-every", "4", "--out", out).returncode == 0
@@ -105,6 +113,8 @@ BAD_INPUT = [
     ("sample.py --ckpt {ckpt} --seconds 0.01 --out {out}", "no frame"),
     ("sample.py --ckpt {ckpt} --window 0 --out {out}", "window"),
     ("sample.py --ckpt {ckpt} --cfg -1 --out {out}", "--cfg"),
+    ("sample.py --ckpt {ckpt} --schedule rolling --out {out}", "--sampler few"),
+    ("sample.py --ckpt {ckpt} --schedule rolling --sampler few --steps 3 --out {out}", "no history", "--steps"),
     ("sample.py --ckpt {ckpt} --topk 9 --out {out}", "--topk"),
     ("sample.py --ckpt {ckpt} --device tpu --out {out}", "--device"),
     ("sample.py --ckpt {ckpt} --device cuda --out {out}", "no CUDA"),

@@ -1,0 +1,104 @@
+"""Rolling Forcing's schedule: levels per chunk, the explicit loop it must equal, graded windows, the sink memory."""
+
+import pytest
+import torch
+
+from distill import DMDConfig, rolling_train_rollout
+from flow import SamplerConfig, few_step_sigmas, to_x0
+from memory import KVCache, MemoryConfig
+from model import DiT, DiTConfig
+from rollout import recache, rolling_rollout
+
+LEVELS = (1.0, 0.7, 0.4)   # W = 3 chunks in the window
+
+
+def tiny():
+    torch.manual_seed(0)
+    cfg = DiTConfig.preset("tiny")
+    cfg.frames = 16   # room for a window of 3 chunks of 2 behind a sink and some history
+    model = DiT(cfg)
+    for p in model.parameters():   # open the adaLN-Zero gates: a fresh DiT predicts v = 0
+        if (p == 0).all():
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def recorder(model):
+    """Wrap forward_cached to record (sigma of each frame, grad enabled) per call."""
+    calls, forward = [], model.forward_cached
+
+    def recorded(x, sigma, *args, **kwargs):
+        calls.append((sigma[0].tolist(), torch.is_grad_enabled()))
+        return forward(x, sigma, *args, **kwargs)
+
+    model.forward_cached = recorded
+    return calls
+
+
+def test_every_chunk_is_denoised_at_the_w_levels_in_order():
+    model, n = tiny(), 7
+    calls = recorder(model)
+    sampler = SamplerConfig(kind="few", levels=LEVELS, shift=1.0, clip=None)
+    tokens = torch.randint(2, 20, (1, 6))
+    memory = MemoryConfig("sink", window=4, sink=2)
+    out = list(rolling_rollout(model, tokens, n * model.cfg.chunk, memory, sampler, torch.Generator().manual_seed(0)))
+    assert len(out) == n
+    c, W = model.cfg.chunk, len(LEVELS)
+    windows = [s for s, _ in calls if any(v > 0 for v in s)]   # the re-cache calls run at sigma 0
+    assert len(windows) == n + W - 1 and len(calls) - len(windows) == n   # one window per step, one re-cache per chunk
+    seen = {j: [] for j in range(n)}
+    for w, sig in enumerate(windows):
+        first = max(0, w - W + 1)
+        for i in range(0, len(sig), c):
+            assert sig[i:i + c] == [sig[i]] * c   # a chunk's frames share their level
+            seen[first + i // c].append(sig[i])
+    assert all(levels == pytest.approx(list(LEVELS)) for levels in seen.values()), seen
+
+
+def explicit_rolling(model, tokens, n, sigmas, memory, generator):
+    """The same schedule written as a plain loop over (window, chunk) with the chunk's level index k = w - j."""
+    c, W = model.cfg, len(sigmas)
+    cache, state, frames = KVCache(memory, c.depth), {}, {}
+    for w in range(n + W - 1):
+        if w < n:
+            state[w] = torch.randn(1, c.chunk, c.channels, c.height, c.width, generator=generator)
+        members = [j for j in range(n) if 0 <= w - j < W]
+        x = torch.cat([state[j] for j in members], 1)
+        sigma = torch.tensor([[sigmas[w - j] for j in members for _ in range(c.chunk)]])
+        x0 = to_x0(x, sigma, model.forward_cached(x, sigma, tokens, cache)[0])
+        for i, j in enumerate(members):
+            x0_j = x0[:, i * c.chunk:(i + 1) * c.chunk]
+            if w - j == W - 1:
+                frames[j] = x0_j
+            else:
+                s = sigmas[w - j + 1]
+                state[j] = (1 - s) * x0_j + s * torch.randn(x0_j.shape, generator=generator)
+        for j in members:
+            if w - j == W - 1:
+                recache(model, frames[j], tokens, cache)
+    return torch.cat([frames[j] for j in range(n)], 1)
+
+
+@torch.no_grad()
+def test_rolling_stream_equals_the_explicit_loop():
+    model, n = tiny(), 6
+    tokens = torch.randint(2, 20, (1, 6))
+    memory = MemoryConfig("sink", window=4, sink=2)
+    sampler = SamplerConfig(kind="few", levels=LEVELS, shift=2.0, clip=None)
+    streamed = torch.cat(list(rolling_rollout(model, tokens, n * model.cfg.chunk, memory, sampler,
+                                              torch.Generator().manual_seed(5))), 1)
+    explicit = explicit_rolling(model, tokens, n, few_step_sigmas(LEVELS, 2.0), memory, torch.Generator().manual_seed(5))
+    assert torch.allclose(streamed, explicit, atol=1e-5)
+
+
+@pytest.mark.parametrize("exit_window", range(len(LEVELS)))
+def test_graded_windows_tile_the_chunks_and_only_they_carry_gradient(exit_window):
+    model, n = tiny(), 5
+    calls = recorder(model)
+    W, c = len(LEVELS), model.cfg.chunk
+    out = rolling_train_rollout(model, torch.randint(2, 20, (1, 6)), n * c, DMDConfig(levels=LEVELS),
+                                MemoryConfig("sink", window=4, sink=2), exit_window, torch.Generator().manual_seed(0))
+    assert out.shape[1] == n * c and out.requires_grad   # every chunk filled once (the rollout asserts no repeat)
+    windows = [g for s, g in calls if any(v > 0 for v in s)]
+    assert windows == [w % W == exit_window for w in range(n + W - 1)]
+    assert not any(g for s, g in calls if not any(v > 0 for v in s))   # no re-cache with gradient
