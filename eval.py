@@ -85,18 +85,24 @@ def main(argv=None):
     p.add_argument("--world", type=int, default=None, help="ToyWorld seed of the scene (with --ckpt default: --seed)")
     p.add_argument("--size", type=int, default=None, help="world frame size (default: 32, or the model's)")
     p.add_argument("--deterministic", action="store_true", help="deterministic world: no camera, occluder, events")
-    p.add_argument("--no-events", action="store_true", help="hold the first scene (one prompt); implied by --ckpt")
+    p.add_argument("--no-events", action="store_true", help="hold the first scene (one prompt); implied by --ckpt "
+                   "unless --switches")
+    p.add_argument("--switches", action="store_true", help="with --ckpt: switch the stream's prompt at the world's "
+                   "events (at the next chunk start) and score how fast it follows each new caption")
     p.add_argument("--tf-start", type=int, default=0, help="the first K frames are the world's own (with --ckpt: fed "
                    "to the model); score the rest by PSNR/SSIM against the true continuation. Needs --deterministic")
     p.add_argument("--out", default="runs/eval", help="folder for eval.json and eval.png")
     args = p.parse_args(argv)
-    args.prompt = None   # no --prompt here: the stream is prompted with the world's caption, set below
+    args.prompt, args.switch = None, None   # no --prompt or --switch here: the world's captions, set below
     if args.tf_start < 0 or (args.tf_start and not args.deterministic):
         fail("--tf-start needs a frame count >= 0 and --deterministic (only then is the continuation unique)")
     if args.fps < 1:
         fail(f"--fps must be positive (got {args.fps})")
     if args.video and (args.ckpt != DEFAULT_CKPT or args.seconds is not None or args.minutes is not None):
         fail("give a video to score, or --ckpt (with --seconds or --minutes) to sample one, not both")
+    if args.switches and (args.video or args.no_events or args.schedule == "rolling"):
+        fail("--switches prompts a stream sampled with --ckpt (chunked schedule) at the world's events; it cannot go "
+             "with a video file, --no-events or --schedule rolling")
     if args.video and args.world is None:
         fail("scoring a video needs --world SEED: the ToyWorld scene it shows")
     try:
@@ -106,7 +112,7 @@ def main(argv=None):
             fail(f"--size {size} differs from the model's frame size {stream.size}")
         world = ToyWorld(args.seed if args.world is None else args.world, WorldConfig(
             size=size, deterministic=args.deterministic,
-            horizon_s=0.0 if args.no_events or stream else WorldConfig.horizon_s))
+            horizon_s=0.0 if args.no_events or (stream and not args.switches) else WorldConfig.horizon_s))
     except DataError as e:
         fail(e)
     if stream and args.tf_start % stream.model.cfg.chunk:
@@ -116,6 +122,12 @@ def main(argv=None):
     output_path(os.path.join(args.out, "eval.json"))   # before sampling, so a stream is never lost to a bad --out
     if stream:
         stream.prompt = world.caption(0)
+        if args.switches:
+            chunk = stream.model.cfg.chunk
+            for frame, caption in world.events:
+                start = -(-frame // chunk) * chunk   # the model switches at a chunk start: the next one
+                if start < stream.n_frames:
+                    stream.switches[start] = caption
         source = stream.describe() + (f" | teacher-forced {args.tf_start} frames" if args.tf_start else "")
         print(source)
         context = world.render(0, args.tf_start)   # a teacher-forced start: the world's own frames, cached first

@@ -54,6 +54,7 @@ class KVCache:
         self.cfg = cfg
         self.k = [None] * depth        # per layer (B, Fc, L, H, hd)
         self.v = [None] * depth
+        self.x = None                  # the clean frames themselves (B, Fc, C, H, W): a prompt switch re-encodes them
         self.frames = []               # absolute index of each cached frame, oldest first
         self.next_frame = 0            # absolute index of the next frame the stream will produce
 
@@ -77,8 +78,11 @@ class KVCache:
         return self.k[layer].flatten(1, 2), self.v[layer].flatten(1, 2)
 
     @torch.no_grad()
-    def append(self, kvs: list, n: int):
-        """Add n finished frames: kvs holds one (k, v) per layer, each (B, n*L, H, hd). Then evict."""
+    def append(self, kvs: list, x: torch.Tensor):
+        """Add the n finished frames x (B, n, C, H, W) with their keys/values: one (k, v) per layer, each
+        (B, n*L, H, hd). Then evict."""
+        n = x.shape[1]
+        self.x = x.detach() if self.x is None else torch.cat([self.x, x.detach()], dim=1)
         for i, (k, v) in enumerate(kvs):
             k, v = k.detach().unflatten(1, (n, -1)), v.detach().unflatten(1, (n, -1))   # (B, n, L, H, hd)
             self.k[i] = k if self.k[i] is None else torch.cat([self.k[i], k], dim=1)
@@ -94,6 +98,7 @@ class KVCache:
         idx = torch.tensor(keep, device=self.k[0].device)
         for i in range(len(self.k)):
             self.k[i], self.v[i] = self.k[i].index_select(1, idx), self.v[i].index_select(1, idx)
+        self.x = self.x.index_select(1, idx)
         self.frames = [self.frames[j] for j in keep]
 
     def _keep(self) -> list[int]:
@@ -106,4 +111,4 @@ class KVCache:
         return sink + recent
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in (self.k, self.v) for t in ts if t is not None)
+        return sum(t.numel() * t.element_size() for t in [*self.k, *self.v, self.x] if t is not None)

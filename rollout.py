@@ -39,7 +39,7 @@ def recache(model, x0, text, cache: KVCache, prompt=None):
     assert text.shape[0] % x0.shape[0] == 0, f"{text.shape[0]} prompts for {x0.shape[0]} streams"
     x = x0.repeat(text.shape[0] // x0.shape[0], 1, 1, 1, 1)                  # (B or 2B, n, C, H, W)
     _, kv = model.forward_cached(x, torch.zeros(x.shape[:2], device=x.device), text, cache, prompt=prompt)
-    cache.append(kv, x.shape[1])
+    cache.append(kv, x)
 
 
 def prefill(model, context, text, cache: KVCache, prompt=None):
@@ -51,6 +51,31 @@ def prefill(model, context, text, cache: KVCache, prompt=None):
     assert context.shape[1] % chunk == 0, f"context of {context.shape[1]} frames, chunks of {chunk}"
     for i in range(0, context.shape[1], chunk):
         recache(model, context[:, i:i + chunk], text, cache, prompt)
+
+
+@torch.no_grad()
+def switch_prompt(model, cache: KVCache, text, prompt=None):
+    """A prompt switch (LongLive's KV re-cache, notes 7.3): re-encode every frame the cache keeps under the new
+    prompt batch `text`, at the frames' own absolute indices, a chunk at a time, each chunk reading the frames
+    before it as already re-encoded: the cache becomes what it would be had the kept frames been streamed under
+    the new prompt. One extra pass over the kept frames; the frames themselves do not change."""
+    x, frames, chunk = cache.x, list(cache.frames), model.cfg.chunk
+    if x is None:
+        return   # nothing made yet: the new prompt simply starts the stream
+    assert x.shape[0] == text.shape[0], f"the cache holds {x.shape[0]} streams, the prompt batch {text.shape[0]}"
+    fresh = KVCache(cache.cfg, len(cache.k))
+    start = 0
+    while start < len(frames):   # runs of consecutive frames (the sink and the window), at most a chunk each
+        end = start + 1
+        while end < len(frames) and end - start < chunk and frames[end] == frames[end - 1] + 1:
+            end += 1
+        fresh.next_frame = frames[start]
+        _, kv = model.forward_cached(x[:, start:end], torch.zeros(x.shape[0], end - start, device=x.device), text,
+                                     fresh, prompt=prompt)
+        fresh.append(kv, x[:, start:end])
+        start = end
+    assert fresh.frames == frames, "re-encoding must keep exactly the cached frames"
+    cache.k, cache.v, cache.x = fresh.k, fresh.v, fresh.x
 
 
 def denoiser(model, text, cache: KVCache, prompt, cfg: float):
@@ -69,12 +94,16 @@ def denoiser(model, text, cache: KVCache, prompt, cfg: float):
 
 @torch.no_grad()
 def rollout(model, tokens, n_frames: int, memory: MemoryConfig, sampler: SamplerConfig, generator=None,
-            cache: KVCache | None = None, context: torch.Tensor | None = None):
+            cache: KVCache | None = None, context: torch.Tensor | None = None, switches: dict | None = None):
     """Stream n_frames (rounded up to whole chunks), yielding each finished chunk x0 (B, chunk, C, H, W).
 
     context: clean frames (B, K, C, H, W), K a whole number of chunks, written into the cache first, chunk by
     chunk, by the same re-cache pass: a teacher-forced start (eval.py --tf-start). They are not yielded.
+    switches: {frame: tokens (B, T)}, frames a multiple of the chunk counted from the first generated frame:
+    the prompt changes there (switch_prompt).
     """
+    switches = switches or {}
+    assert all(f % model.cfg.chunk == 0 for f in switches), f"switch frames must start chunks: {sorted(switches)}"
     cfg = model.cfg
     B, chunk = tokens.shape[0], cfg.chunk
     text = prompts(tokens, sampler.guided)
@@ -82,7 +111,12 @@ def rollout(model, tokens, n_frames: int, memory: MemoryConfig, sampler: Sampler
     prompt = model.text(text)   # one prompt for the whole stream: encode it once
     prefill(model, context, text, cache, prompt)
     denoise = denoiser(model, text, cache, prompt, sampler.cfg)
-    for _ in range(math.ceil(n_frames / chunk)):
+    for i in range(math.ceil(n_frames / chunk)):
+        if i * chunk in switches:   # a new prompt from this chunk on: re-encode what the cache keeps under it
+            text = prompts(switches[i * chunk], sampler.guided)
+            prompt = model.text(text)
+            switch_prompt(model, cache, text, prompt)
+            denoise = denoiser(model, text, cache, prompt, sampler.cfg)
         noise = torch.randn(B, chunk, cfg.channels, cfg.height, cfg.width, device=tokens.device, generator=generator)
         x0 = sample(sampler, denoise, noise, generator)
         recache(model, x0, text, cache, prompt)

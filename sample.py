@@ -49,6 +49,9 @@ def add_args(p, prompt=True):
     p.add_argument("--sink", type=int, default=None, help="sink frames kept for good (default: one chunk)")
     if prompt:
         p.add_argument("--prompt", default=None, help="caption (default: the caption of ToyWorld scene --seed)")
+        p.add_argument("--switch", action="append", default=None, metavar="SECONDS:CAPTION",
+                       help="switch to CAPTION at SECONDS (rounded to a chunk): the kept frames are re-encoded under "
+                            "it; repeat for more switches")
     p.add_argument("--sampler", default=None, choices=("euler", "few"),
                    help="euler: many-step flow ODE with guidance; few: predict x0 and re-noise (distilled models). "
                         "Default: the one the checkpoint's method was trained for")
@@ -84,7 +87,7 @@ class Stream:
             fail(f"the video must be longer than 0 seconds (got {seconds:g})")
         if args.fps < 1 or (args.steps is not None and args.steps < 1):
             fail("--fps and --steps must be positive")
-        self.n_frames = round(seconds * args.fps)
+        self.n_frames, self.fps = round(seconds * args.fps), args.fps
         if self.n_frames < 1:
             fail(f"{seconds:g} s at {args.fps} frames/s is no frame at all; ask for at least {1 / args.fps:g} s")
         if args.cfg is not None and args.cfg < 0:
@@ -138,7 +141,12 @@ class Stream:
             cfg.topk = args.topk
         scene = ToyWorld(args.seed, WorldConfig(size=self.size))
         self.prompt = args.prompt if args.prompt is not None else scene.caption(0)
-        unknown = unknown_words(self.prompt)
+        self.switches = {}   # frame -> caption
+        for spec in args.switch or []:
+            self.add_switch(spec, args.fps)
+        if self.switches and args.schedule == "rolling":
+            fail("--switch works with the chunked schedule only")
+        unknown = sorted(set(w for c in [self.prompt, *self.switches.values()] for w in unknown_words(c)))
         if unknown:
             print(f"{PROG}: warning: not in the vocabulary, read as <unk>: {', '.join(unknown)} (the words the model "
                   f"knows are data.VOCAB: {' '.join(VOCAB[2:])})", file=sys.stderr)
@@ -146,13 +154,31 @@ class Stream:
         self.seed = args.seed
         self.times = []   # seconds spent on each chunk
 
+    def add_switch(self, spec: str, fps: int):
+        """--switch SECONDS:CAPTION -> self.switches[frame] = CAPTION, the frame rounded to a chunk start."""
+        seconds, sep, caption = spec.partition(":")
+        try:
+            seconds = float(seconds)
+        except ValueError:
+            seconds = None
+        chunk = self.model.cfg.chunk
+        if not sep or seconds is None or not caption.strip():
+            fail(f"--switch {spec!r}: expected SECONDS:CAPTION, e.g. 30:\"a red circle over navy dots\"")
+        frame = round(seconds * fps / chunk) * chunk
+        if not 0 < frame < self.n_frames:
+            fail(f"--switch at {seconds:g} s is outside the stream (0, {self.n_frames / fps:g} s)")
+        if frame in self.switches:
+            fail(f"two --switch at frame {frame} ({seconds:g} s)")
+        self.switches[frame] = caption.strip()
+
     def describe(self) -> str:
         c = self.ckpt
         return (f"{c['path']} ({c['method']}, step {c['step']}) | {self.n_frames} frames | memory {self.memory.policy} "
                 f"| {self.sampler.kind} x {self.sampler.steps}" + (", rolling" if self.schedule == "rolling" else "")
                 + (f", guidance {self.sampler.cfg:g}" if self.sampler.kind == "euler" else "")
                 + f" | top-k {self.model.cfg.topk or 'dense'} "
-                f"| prompt: {self.prompt}")
+                f"| prompt: {self.prompt}"
+                + "".join(f" | at {f / self.fps:g} s: {c}" for f, c in sorted(self.switches.items())))
 
     def chunks(self, context=None):
         """The stream's frames, a chunk at a time. context: uint8 frames (K, H, W, 3), K whole chunks, put into
@@ -165,11 +191,16 @@ class Stream:
             context = self.vae.encode(context) if self.vae else context   # a latent model caches latents
         else:
             context = None
+        switches = {f: torch.from_numpy(tokenize([c], cfg.text_len)).to(self.device) for f, c in self.switches.items()}
         written, t0 = 0, time.time()
         with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
-            stream = rolling_rollout if self.schedule == "rolling" else rollout
-            for x0 in stream(self.model, tokens, self.n_frames, self.memory, self.sampler, generator, self.cache,
-                             context):
+            if self.schedule == "rolling":
+                stream = rolling_rollout(self.model, tokens, self.n_frames, self.memory, self.sampler, generator,
+                                         self.cache, context)
+            else:
+                stream = rollout(self.model, tokens, self.n_frames, self.memory, self.sampler, generator, self.cache,
+                                 context, switches)
+            for x0 in stream:
                 x0 = x0[0, :self.n_frames - written].float()
                 frames = to_uint8((self.vae.decode(x0) if self.vae else x0).cpu().numpy())
                 written += len(frames)

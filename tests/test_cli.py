@@ -71,6 +71,20 @@ def test_rolling_schedule_streams_the_exact_frame_count(trained, tmp_path):
     assert "few x 2, rolling" in r.stdout and sum(1 for _ in imageio.get_reader(out)) == 16
 
 
+def test_prompt_switches_in_sample_and_eval(trained, tmp_path):
+    out = str(tmp_path / "v.mp4")
+    r = run("sample.py", "--ckpt", trained, "--seconds", "2", "--switch", "1:a red circle over navy dots", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "at 1 s: a red circle over navy dots" in r.stdout and sum(1 for _ in imageio.get_reader(out)) == 32
+    # eval.py prompts the stream with the world's own events and scores each switch (world 31: one at frame 175)
+    r = run("eval.py", "--ckpt", trained, "--world", "31", "--switches", "--seconds", "12", "--steps", "2",
+            "--out", str(tmp_path / "eval"))
+    assert r.returncode == 0, r.stderr
+    assert "at 11 s:" in r.stdout   # frame 175 -> the next chunk start, 176
+    switches = json.load(open(tmp_path / "eval" / "eval.json"))["prompt_switch"]
+    assert [s["frame"] for s in switches] == [175]
+
+
 def test_resume_continues_exactly(tmp_path):
     out = str(tmp_path / "run")
     assert run("train.py", "--tiny", "--steps", "8", "--save-every", "4", "--out", out).returncode == 0
@@ -114,6 +128,10 @@ BAD_INPUT = [
     ("sample.py --ckpt {ckpt} --window 0 --out {out}", "window"),
     ("sample.py --ckpt {ckpt} --cfg -1 --out {out}", "--cfg"),
     ("sample.py --ckpt {ckpt} --schedule rolling --out {out}", "--sampler few"),
+    ("sample.py --ckpt {ckpt} --switch 2 --out {out}", "--switch", "SECONDS:CAPTION"),
+    ("sample.py --ckpt {ckpt} --seconds 4 --switch 9:a --out {out}", "--switch", "outside the stream"),
+    ("sample.py --ckpt {ckpt} --switch 1:a --switch 1:b --out {out}", "two --switch"),
+    ("eval.py {tmp}/v.mp4 --world 0 --switches --out {out}", "--switches"),
     ("sample.py --ckpt {ckpt} --schedule rolling --sampler few --steps 3 --out {out}", "no history", "--steps"),
     ("sample.py --ckpt {ckpt} --topk 9 --out {out}", "--topk"),
     ("sample.py --ckpt {ckpt} --device tpu --out {out}", "--device"),

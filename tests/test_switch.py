@@ -1,0 +1,56 @@
+"""Prompt switching: the frames before a switch are untouched by it, and after it the cache holds re-encoded keys."""
+
+import pytest
+import torch
+
+from flow import SamplerConfig
+from memory import KVCache, MemoryConfig
+from model import DiT, DiTConfig
+from rollout import prefill, rollout, switch_prompt
+
+
+def tiny():
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.preset("tiny"))
+    for p in model.parameters():   # open the adaLN-Zero gates: a fresh DiT predicts v = 0
+        if (p == 0).all():
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", ["full", "sink"])
+def test_frames_before_a_switch_are_unchanged_and_after_it_follow_the_new_prompt(policy):
+    model = tiny()
+    c = model.cfg.chunk
+    a, b = torch.randint(2, 20, (1, 6)), torch.randint(2, 20, (1, 6))
+    sampler = SamplerConfig(steps=3, cfg=2.0, shift=1.0)   # guided: the switch re-encodes both halves of the batch
+    memory = MemoryConfig(policy, window=4, sink=2)
+
+    def stream(switches):
+        g = torch.Generator().manual_seed(0)
+        return torch.cat(list(rollout(model, a, 5 * c, memory, sampler, g, switches=switches)), 1)
+
+    plain, switched, to_b = stream({}), stream({3 * c: b}), stream({0: b})
+    assert torch.equal(plain[:, :3 * c], switched[:, :3 * c])
+    assert not torch.allclose(plain[:, 3 * c:], switched[:, 3 * c:])
+    assert not torch.allclose(to_b[:, :c], plain[:, :c])   # the new prompt changes what is drawn
+
+
+@torch.no_grad()
+def test_switch_leaves_the_cache_as_if_its_frames_were_streamed_under_the_new_prompt():
+    model = tiny()
+    c, depth = model.cfg.chunk, model.cfg.depth
+    a, b = torch.randint(2, 20, (1, 6)), torch.randint(2, 20, (1, 6))
+    frames = torch.randn(1, 3 * c, model.cfg.channels, model.cfg.height, model.cfg.width)
+    cache = KVCache(MemoryConfig("full"), depth)
+    prefill(model, frames, a, cache)
+    before = [k.clone() for k in cache.k]
+    switch_prompt(model, cache, b)
+    under_b = KVCache(MemoryConfig("full"), depth)
+    prefill(model, frames, b, under_b)
+    assert cache.frames == under_b.frames and torch.equal(cache.x, frames)
+    for i in range(depth):
+        assert torch.allclose(cache.k[i], under_b.k[i], atol=1e-6) and torch.allclose(cache.v[i], under_b.v[i], atol=1e-6)
+        # the keys were re-encoded, not kept (the first layer's keys come before any cross-attention)
+        assert i == 0 or not torch.allclose(cache.k[i], before[i])
