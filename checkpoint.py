@@ -36,7 +36,8 @@ def export_model(path: str, ckpt: dict):
     def half(state):
         return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
-    keep = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer", "rng", "path")}
+    training = ("model", "ema", "optimizer", "rng", "path", "critic", "critic_optimizer")
+    keep = {k: v for k, v in ckpt.items() if k not in training}
     if "vae" in keep:
         keep["vae"] = {**keep["vae"], "state": half(keep["vae"]["state"])}
     tmp = path + ".tmp"

@@ -141,3 +141,75 @@ def rolling_train_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: 
                 assert out[j] is None, f"chunk {j} graded twice"
                 out[j] = part
     return torch.cat(out, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training: what train.py runs for --method self and --method rolling
+
+DISTILLED = ("self", "rolling")
+ROLLING_SHARE = 0.5    # Rolling Forcing mixes its rolling rollout with self forcing's, half and half (notes 6.3)
+CRITIC_LR = 0.2        # the critic's learning rate as a share of the student's (4e-7 against 2e-6 in the reference)
+BETAS = (0.0, 0.999)   # Adam without momentum for both, as the reference: the critic's target moves every step
+
+
+def few_step_levels(method: str, cfg) -> tuple:
+    """The student's few-step levels: Self Forcing's four; for rolling as many (at most four) as leave room for a
+    chunk of sink and a chunk of history beside the window of W chunks within the model's trained frames."""
+    W = 4 if method == "self" else max(1, min(4, cfg.frames // cfg.chunk - 2))
+    return tuple(1 - i / W for i in range(W))
+
+
+def student_rollout(method: str, model, tokens, n_frames: int, cfg: DMDConfig, generator=None):
+    """One training rollout of the student, its graded exit step (or window) drawn here: Self Forcing's rollout,
+    or for rolling, Rolling Forcing's with probability ROLLING_SHARE. Full memory: the rollout is one clip."""
+    exit_step = int(torch.randint(len(cfg.levels), (1,), generator=generator))
+    memory = MemoryConfig("full")
+    if method == "rolling" and float(torch.rand(1, generator=generator)) < ROLLING_SHARE:
+        return rolling_train_rollout(model, tokens, n_frames, cfg, memory, exit_step, generator)
+    return self_rollout(model, tokens, n_frames, cfg, memory, exit_step, generator)
+
+
+class Distiller:
+    """The two models DMD adds to the student: the frozen score and the critic, with the critic's optimizer.
+
+    One training step (train.py) is cfg.critic_steps critic updates, each on a fresh rollout of the student made
+    without gradient, then the student's DMD loss on one more rollout, which carries the gradient.
+    """
+
+    def __init__(self, method: str, score, critic, cfg: DMDConfig, lr: float):
+        assert method in DISTILLED, method
+        self.method, self.cfg = method, cfg
+        self.score = score.eval().requires_grad_(False)
+        self.critic = critic.train().requires_grad_(True)
+        self.opt = torch.optim.AdamW(critic.parameters(), lr=CRITIC_LR * lr, betas=BETAS, weight_decay=0.0)
+
+    def train_critic(self, student, tokens, lr: float, grad_clip: float, amp) -> float:
+        """cfg.critic_steps flow-matching updates of the critic on the student's samples; the mean loss. amp: the
+        autocast context the forwards run under."""
+        for group in self.opt.param_groups:
+            group["lr"] = CRITIC_LR * lr
+        losses = []
+        n = self.critic.cfg.frames
+        for _ in range(self.cfg.critic_steps):
+            with torch.no_grad(), amp:
+                x = student_rollout(self.method, student, tokens, n, self.cfg)
+            with amp:
+                loss = critic_loss(self.critic, x, tokens, self.cfg)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), grad_clip)
+            self.opt.step()
+            losses.append(loss.item())
+        return sum(losses) / len(losses)
+
+    def student_loss(self, student, tokens):
+        """The DMD loss of one graded rollout of the student (the clip length of the score)."""
+        x = student_rollout(self.method, student, tokens, self.score.cfg.frames, self.cfg)
+        return dmd_loss(x, tokens, self.score, self.critic, self.cfg)[0]
+
+    def state_dict(self) -> dict:
+        return {"critic": self.critic.state_dict(), "critic_optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.critic.load_state_dict(state["critic"])
+        self.opt.load_state_dict(state["critic_optimizer"])

@@ -100,9 +100,9 @@ def main(argv=None):
         fail(f"--fps must be positive (got {args.fps})")
     if args.video and (args.ckpt != DEFAULT_CKPT or args.seconds is not None or args.minutes is not None):
         fail("give a video to score, or --ckpt (with --seconds or --minutes) to sample one, not both")
-    if args.switches and (args.video or args.no_events or args.schedule == "rolling"):
-        fail("--switches prompts a stream sampled with --ckpt (chunked schedule) at the world's events; it cannot go "
-             "with a video file, --no-events or --schedule rolling")
+    if args.switches and (args.video or args.no_events):
+        fail("--switches prompts a stream sampled with --ckpt at the world's events; it cannot go with a video file "
+             "or --no-events")
     if args.video and args.world is None:
         fail("scoring a video needs --world SEED: the ToyWorld scene it shows")
     try:
@@ -123,6 +123,8 @@ def main(argv=None):
     if stream:
         stream.prompt = world.caption(0)
         if args.switches:
+            if stream.schedule == "rolling":
+                fail("--switches works with the chunked schedule only")
             chunk = stream.model.cfg.chunk
             for frame, caption in world.events:
                 start = -(-frame // chunk) * chunk   # the model switches at a chunk start: the next one

@@ -23,7 +23,7 @@ from memory import KVCache, MemoryConfig
 from rollout import recache
 
 METHODS = ("teacher", "diffusion", "bidirectional", "resampling")   # built so far
-PLANNED = ("self", "rolling", "context")                             # named by the design, not built yet
+PLANNED = ("context",)                                               # named by the design, not built yet
 
 
 def drop_prompt(tokens: torch.Tensor, p: float = 0.1, generator=None) -> torch.Tensor:

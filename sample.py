@@ -32,7 +32,7 @@ DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpo
 SECONDS = 10.0
 FPS = 16            # ToyWorld's world time runs at 16 frames per second
 MEMORY = "sink"
-SAMPLER = {"teacher": "euler", "diffusion": "euler", "resampling": "euler"}   # distilled methods will use "few"
+SAMPLER = {"teacher": "euler", "diffusion": "euler", "resampling": "euler", "self": "few", "rolling": "few"}
 STEPS = {"euler": 16, "few": 4}   # denoising calls per chunk, unless the checkpoint names its own (see train.RECIPE)
 CFG = 3.0           # classifier-free guidance scale, likewise
 SCALE = 4           # nearest-neighbour upscaling of the written frames, so 32x32 frames are watchable
@@ -55,9 +55,10 @@ def add_args(p, prompt=True):
     p.add_argument("--sampler", default=None, choices=("euler", "few"),
                    help="euler: many-step flow ODE with guidance; few: predict x0 and re-noise (distilled models). "
                         "Default: the one the checkpoint's method was trained for")
-    p.add_argument("--schedule", default="chunked", choices=("chunked", "rolling"),
+    p.add_argument("--schedule", default=None, choices=("chunked", "rolling"),
                    help="chunked: finish each chunk, then the next; rolling: a window of --steps chunks at rising noise "
-                        "(Rolling Forcing; distilled models, --sampler few)")
+                        "(Rolling Forcing; distilled models, --sampler few). Default: rolling for --method rolling "
+                        "models, else chunked")
     p.add_argument("--steps", type=int, default=None,
                    help=f"denoising calls per chunk (default: the checkpoint's own, else {STEPS})")
     p.add_argument("--cfg", type=float, default=None,
@@ -110,15 +111,17 @@ class Stream:
         self.size = self.model.cfg.height * (self.vae.factor if self.vae else 1)   # frame size in pixels
         cfg = self.model.cfg
         kind = args.sampler or SAMPLER[ckpt["method"]]
-        own = ckpt["sampler"] if "sampler" in ckpt and kind == "euler" else {"steps": STEPS[kind], "cfg": CFG}
+        own = {"steps": STEPS[kind], "cfg": CFG}
+        if "sampler" in ckpt and kind == SAMPLER[ckpt["method"]]:   # the checkpoint's own, for the sampler it made
+            own = ckpt["sampler"]
         steps = args.steps or own["steps"]
         self.sampler = SamplerConfig(kind=kind, steps=steps, cfg=own["cfg"] if args.cfg is None else args.cfg,
                                      shift=ckpt["shift"],
                                      levels=tuple(1 - i / steps for i in range(steps)),
                                      clip=None if self.vae else 1.0)
-        self.schedule = args.schedule
+        self.schedule = args.schedule or ("rolling" if ckpt["method"] == "rolling" else "chunked")
         query = cfg.chunk   # frames a denoising call makes: one chunk, or the rolling window of `steps` chunks
-        if args.schedule == "rolling":
+        if self.schedule == "rolling":
             if kind != "few":
                 fail("--schedule rolling runs the few-step levels of a distilled model: add --sampler few")
             query = steps * cfg.chunk
@@ -144,7 +147,7 @@ class Stream:
         self.switches = {}   # frame -> caption
         for spec in args.switch or []:
             self.add_switch(spec, args.fps)
-        if self.switches and args.schedule == "rolling":
+        if self.switches and self.schedule == "rolling":
             fail("--switch works with the chunked schedule only")
         unknown = sorted(set(w for c in [self.prompt, *self.switches.values()] for w in unknown_words(c)))
         if unknown:

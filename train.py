@@ -34,8 +34,9 @@ import torch.distributed as dist
 
 from data import DataError, ToyWorld, VideoFolder, WorldConfig, sample_clips, to_uint8, tokenize
 from checkpoint import (CheckpointError, check_same_model, export_model, latest_checkpoint, load_checkpoint,
-                        save_checkpoint)
+                        model_from_checkpoint, save_checkpoint)
 from flow import SamplerConfig
+from distill import BETAS, DISTILLED, DMDConfig, Distiller, few_step_levels
 from forcing import LOSSES, METHODS, PLANNED, ResamplingConfig, resampling_loss, teacher_loss
 from memory import MemoryConfig
 from model import DiT, DiTConfig, pick_device
@@ -64,6 +65,8 @@ WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
 KEEP_CHECKPOINTS = 2
 MEMORY_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+CHECKPOINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
+DEFAULT_CKPT, SCORE_CKPT = os.path.join(CHECKPOINTS, "default.pt"), os.path.join(CHECKPOINTS, "score.pt")
 
 
 def preset_defaults(key: str) -> str:
@@ -72,7 +75,7 @@ def preset_defaults(key: str) -> str:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--method", default="teacher", help=f"training recipe: {', '.join(METHODS)}")
+    p.add_argument("--method", default="teacher", help=f"training recipe: {', '.join(METHODS + DISTILLED)}")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tiny", dest="preset", action="store_const", const="tiny", help="tiny model (CPU, tests)")
     size.add_argument("--cpu", dest="preset", action="store_const", const="cpu",
@@ -92,7 +95,10 @@ def parse(argv=None):
                    help=f"EMA decay of the sampled weights (default: {preset_defaults('ema')})")
     p.add_argument("--out", default=None, help="run directory for checkpoints (default: runs/<method>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--init", default=None, help="start from this checkpoint's EMA weights")
+    p.add_argument("--init", default=None, help="start from this checkpoint's EMA weights (self, rolling: the causal "
+                   "student; default with --cpu: the shipped checkpoints/default.pt)")
+    p.add_argument("--score", default=None, help="self, rolling: DMD's frozen score, a --method bidirectional model "
+                   f"of the same preset (default with --cpu: {os.path.relpath(SCORE_CKPT)})")
     p.add_argument("--vae", default=None,
                    help="trained frame VAE (vae.pt) of a latent preset (default: train one into OUT/vae first)")
     p.add_argument("--topk", type=int, default=0,
@@ -122,6 +128,10 @@ def parse(argv=None):
     for k, v in PRESETS[args.preset].items():   # flags left unset take the preset's value
         if vars(args)[k] is None:
             setattr(args, k, v)
+    if args.method in DISTILLED and args.preset == "cpu":   # the shipped models, unless named
+        args.score = args.score or SCORE_CKPT
+        if args.init is None and not args.resume:
+            args.init = DEFAULT_CKPT
     if args.resample_warmup is None:            # resolved now, so it is stored with the run and never drifts
         args.resample_warmup = args.steps // 10
     args.out = args.out or os.path.join("runs", f"{args.method}-{args.preset}")
@@ -130,8 +140,8 @@ def parse(argv=None):
 
 def check(args) -> dict | None:
     """Refuse bad input with one line, before anything is built or written. Returns the --init checkpoint."""
-    if args.method not in METHODS:
-        built = ", ".join(METHODS)
+    if args.method not in METHODS + DISTILLED:
+        built = ", ".join(METHODS + DISTILLED)
         if args.method in PLANNED:
             raise SystemExit(f"train.py: error: --method {args.method} is not built yet (available: {built})")
         raise SystemExit(f"train.py: error: unknown --method {args.method!r} (available: {built})")
@@ -168,6 +178,8 @@ def check(args) -> dict | None:
         raise SystemExit(f"train.py: error: --vae {args.vae} is not a file (a vae.pt written by vae.py or train.py)")
     if args.vae and cfg.channels == 3:
         raise SystemExit(f"train.py: error: --vae is for a latent preset (--cpu); --{args.preset} models pixels")
+    if args.method in DISTILLED:
+        check_distillation(args, cfg)
     if not args.init:
         return None
     try:
@@ -176,6 +188,27 @@ def check(args) -> dict | None:
     except CheckpointError as e:
         raise SystemExit(f"train.py: error: --init: {e}")
     return init
+
+
+def check_distillation(args, cfg: DiTConfig):
+    """self, rolling: a bidirectional --score of this size, and a causal --init (unless resuming)."""
+    if not args.score:
+        raise SystemExit(f"train.py: error: --method {args.method} needs --score: a bidirectional model of this size "
+                         f"(python train.py --method bidirectional --{args.preset})")
+    try:
+        score = load_checkpoint(args.score)
+        check_same_model(score, cfg)
+    except CheckpointError as e:
+        hint = (" (train it: python train.py --method bidirectional --cpu, then pass --score "
+                "runs/bidirectional-cpu/model.pt)" if args.score == SCORE_CKPT else "")
+        raise SystemExit(f"train.py: error: --score: {e}{hint}")
+    if score["method"] != "bidirectional":
+        raise SystemExit(f"train.py: error: --score {args.score} is a {score['method']} model; DMD's score is a "
+                         f"bidirectional clip model (--method bidirectional)")
+    if not args.resume and not args.init:
+        raise SystemExit(f"train.py: error: --method {args.method} distils a causal model: name it with --init")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(f"train.py: error: --method {args.method} runs in one process (no torchrun yet)")
 
 
 def settings(args) -> dict:
@@ -241,7 +274,7 @@ def batches(cfg, batch, seed, folder, workers, start, pixels):
 
 # ---- the sample strip --------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_strip(model, path, shift, vae=None, seconds=2.0, prompts=2, seed=0):
+def sample_strip(model, path, sampler: SamplerConfig, vae=None, seconds=2.0, prompts=2, seed=0):
     """Stream a few seconds per prompt and save one row of frames per prompt as a PNG."""
     import imageio.v3 as iio
 
@@ -252,7 +285,7 @@ def sample_strip(model, path, shift, vae=None, seconds=2.0, prompts=2, seed=0):
     n = int(seconds * world.fps)
     memory = MemoryConfig(policy="sink", window=cfg.frames - cfg.chunk - cfg.chunk, sink=cfg.chunk)
     g = torch.Generator(device).manual_seed(seed)
-    video = torch.cat(list(rollout(model, tokens, n, memory, SamplerConfig(shift=shift, clip=None if vae else 1.0), g)), 1)[:, :n]
+    video = torch.cat(list(rollout(model, tokens, n, memory, sampler, g)), 1)[:, :n]
     video = video[:, ::max(1, n // 16)].float()
     frames = to_uint8((vae.decode(video) if vae else video).cpu().numpy())        # (P, 16, H, W, 3)
     rows = [np.concatenate(list(f), axis=1) for f in frames]
@@ -264,6 +297,18 @@ def learning_rate(args, step: int) -> float:
     """Linear warm-up to --lr, then a cosine decay to LR_FLOOR x --lr at the last step."""
     decay = LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, args.steps))))
     return args.lr * min(1.0, (step + 1) / max(1, args.warmup)) * decay
+
+
+def distilled_vae(student: dict, score: dict):
+    """The frame VAE a distillation runs in: the student's, which the score must share (None for pixel models)."""
+    if ("vae" in student) != ("vae" in score):
+        raise SystemExit("train.py: error: --score and the student do not model the same frames (one is latent)")
+    if "vae" not in student:
+        return None
+    a, b = student["vae"]["state"], score["vae"]["state"]
+    if a.keys() != b.keys() or any(not torch.allclose(a[k].float(), b[k].float(), atol=1e-2) for k in a):
+        raise SystemExit("train.py: error: --score and the student were trained on the latents of different VAEs")
+    return load_vae(student["vae"])
 
 
 def frame_vae(args, steps: int, ddp: bool):
@@ -344,8 +389,12 @@ def train(args, init: dict | None = None):
     cfg = DiTConfig.preset(args.preset)
     cfg.topk, cfg.route_sink = args.topk, args.route_sink
     recipe = RECIPE[args.preset]
-    vae = None
-    if args.vae or recipe["vae_steps"]:   # a latent model: its frame VAE first (trained here unless given)
+    vae, distilling = None, args.method in DISTILLED
+    if distilling:   # the student's latent space is its own: the VAE comes with the model being distilled
+        score_ckpt = load_checkpoint(args.score)
+        vae = distilled_vae(init if init is not None else load_checkpoint(latest_checkpoint(args.out)), score_ckpt)
+        vae = vae.to(device) if vae else None
+    elif args.vae or recipe["vae_steps"]:   # a latent model: its frame VAE first (trained here unless given)
         vae = frame_vae(args, recipe["vae_steps"], ddp).to(device)
         if vae.cfg.latent != cfg.channels:
             raise SystemExit(f"train.py: error: the VAE has {vae.cfg.latent} latent channels, --{args.preset} "
@@ -359,7 +408,13 @@ def train(args, init: dict | None = None):
     if init is not None:
         model.load_state_dict(init["ema"])
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=WEIGHT_DECAY)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS if distilling else (0.9, 0.99),
+                            weight_decay=WEIGHT_DECAY)
+    distiller = None
+    if distilling:   # the critic starts as the score: the closest model to the student's samples there is
+        distiller = Distiller(args.method, model_from_checkpoint(score_ckpt).to(device),
+                              model_from_checkpoint(score_ckpt).to(device),
+                              DMDConfig(levels=few_step_levels(args.method, cfg), shift=recipe["shift"]), args.lr)
     torch.manual_seed(rank_seed(args.seed, rank))   # from here on, the noise of the losses: its own per rank
     step = 0
     if args.resume and latest_checkpoint(args.out):   # (a run stopped in stage 1 has none yet: the DiT starts)
@@ -370,6 +425,8 @@ def train(args, init: dict | None = None):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
+        if distiller:
+            distiller.load_state_dict(ckpt)
         if len(ckpt["rng"]) != world_size:
             raise SystemExit(f"train.py: error: {ckpt['path']} was written by {len(ckpt['rng'])} processes; resume it "
                              f"with as many (this is {world_size})")
@@ -385,10 +442,11 @@ def train(args, init: dict | None = None):
     workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
     data = batches(cfg, args.batch // world_size, args.seed * 1000 + rank, folder, workers, step, pixels)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" or recipe["bf16"])
-    extra = {"shift": recipe["shift"], "sampler": recipe["sampler"], "args": settings(args)}
+    sampler = dict(steps=len(distiller.cfg.levels), cfg=1.0) if distilling else recipe["sampler"]
+    extra = {"shift": recipe["shift"], "sampler": sampler, "args": settings(args)}
     if vae:
         extra["vae"] = vae_state(vae)
-    loss_fn = LOSSES[args.method]
+    loss_fn = None if distilling else LOSSES[args.method]
     if args.method == "resampling":
         rs = ResamplingConfig(args.resample_mode, args.resample_shift, args.resample_steps, args.resample_warmup)
         loss_fn = functools.partial(resampling_loss, cfg=rs, resampler=model)
@@ -400,18 +458,23 @@ def train(args, init: dict | None = None):
               f"{cfg.tokens_per_frame} tokens | batch {args.batch} on {world_size} x {device.type} | out {args.out}")
         log = open(os.path.join(args.out, "log.jsonl"), "a")
 
-    t0, seen, losses, start = time.time(), 0, [], time.time()
+    t0, seen, losses, critic_losses, start = time.time(), 0, [], [], time.time()
     while step < args.steps:
         lr = learning_rate(args, step)
         for group in opt.param_groups:
             group["lr"] = lr
         x, tokens = (t.to(device, non_blocking=True) for t in next(data))
-        with amp:
-            if vae:
-                with torch.no_grad():
-                    x = vae.encode(x).float()   # (B, F, latent, h, w)
-            warming_up = args.method == "resampling" and step < rs.warmup   # teacher forcing first
-            loss = (teacher_loss if warming_up else loss_fn)(net, x, tokens, recipe["shift"])
+        if distilling:   # data-free: the clips' captions are all DMD reads
+            critic_losses.append(distiller.train_critic(model, tokens, lr, GRAD_CLIP, amp))
+            with amp:
+                loss = distiller.student_loss(model, tokens)
+        else:
+            with amp:
+                if vae:
+                    with torch.no_grad():
+                        x = vae.encode(x).float()   # (B, F, latent, h, w)
+                warming_up = args.method == "resampling" and step < rs.warmup   # teacher forcing first
+                loss = (teacher_loss if warming_up else loss_fn)(net, x, tokens, recipe["shift"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -425,17 +488,19 @@ def train(args, init: dict | None = None):
         if master and (step % args.log_every == 0 or step == args.steps):
             dt = time.time() - t0
             eta = dt / len(losses) * (args.steps - step)
-            print(f"step {step:6d}/{args.steps} | loss {np.mean(losses):.4f} | grad {gnorm:.3f} | lr {lr:.2e} | "
+            critic = f" | critic {np.mean(critic_losses):.4f}" if distilling else ""
+            print(f"step {step:6d}/{args.steps} | loss {np.mean(losses):.4f}{critic} | grad {gnorm:.3f} | lr {lr:.2e} | "
                   f"{dt / len(losses):.3f} s/step | {seen / dt:.0f} frames/s | eta {eta / 60:.1f} min", flush=True)
             log.write(json.dumps({"step": step, "loss": float(np.mean(losses)), "grad": float(gnorm), "lr": lr,
-                                  "s_per_step": dt / len(losses), "wall_s": time.time() - start}) + "\n")
+                                  "s_per_step": dt / len(losses), "wall_s": time.time() - start,
+                                  **({"critic": float(np.mean(critic_losses))} if distilling else {})}) + "\n")
             log.flush()
-            t0, seen, losses = time.time(), 0, []
+            t0, seen, losses, critic_losses = time.time(), 0, [], []
         if step % args.save_every == 0 or step == args.steps:
             rng = gather(rng_states(device), ddp)   # the noise of the losses, per rank
             if master:
                 save_checkpoint(os.path.join(args.out, f"ckpt_{step:07d}.pt"), model, ema, opt, args.method, step,
-                                {**extra, "rng": rng})
+                                {**extra, "rng": rng, **(distiller.state_dict() if distilling else {})})
                 for old in sorted(p for p in os.listdir(args.out) if p.startswith("ckpt_"))[:-KEEP_CHECKPOINTS]:
                     os.remove(os.path.join(args.out, old))
     if master:
@@ -445,7 +510,9 @@ def train(args, init: dict | None = None):
     if master and args.method != "bidirectional" and pixels is not None:   # a clip model does not stream
         path = os.path.join(args.out, "samples.png")
         print(f"streaming {path} from the EMA model ...", flush=True)
-        sample_strip(ema.eval(), path, recipe["shift"], vae)
+        kind = "few" if distilling else "euler"
+        sample_strip(ema.eval(), path, SamplerConfig(kind=kind, shift=recipe["shift"], clip=None if vae else 1.0,
+                                                     **({"levels": distiller.cfg.levels} if distilling else {})), vae)
         print(f"wrote {path}")
     if ddp:
         dist.barrier()

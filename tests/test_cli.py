@@ -85,6 +85,30 @@ def test_prompt_switches_in_sample_and_eval(trained, tmp_path):
     assert [s["frame"] for s in switches] == [175]
 
 
+def test_distillation_trains_resumes_exactly_and_streams_with_its_schedule(trained, tmp_path):
+    score = str(tmp_path / "score")
+    assert run("train.py", "--method", "bidirectional", "--tiny", "--steps", "2", "--out", score).returncode == 0
+    for method, schedule in (("self", "few x 4 |"), ("rolling", "few x 2, rolling")):
+        out = str(tmp_path / method)
+        flags = ["--method", method, "--tiny", "--steps", "2", "--save-every", "1", "--out", out, "--score",
+                 os.path.join(score, "model.pt")]
+        r = run("train.py", *flags, "--init", trained)
+        assert r.returncode == 0, r.stderr
+        assert "critic" in r.stdout
+        last = os.path.join(out, "ckpt_0000002.pt")
+        a = torch.load(last, weights_only=True)
+        os.remove(last)   # as if killed after step 1: the student, its EMA and the critic continue exactly
+        r = run("train.py", *flags, "--resume")
+        assert r.returncode == 0, r.stderr
+        b = torch.load(last, weights_only=True)
+        for part in ("model", "ema", "critic"):
+            assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), (method, part)
+        video = str(tmp_path / f"{method}.mp4")
+        r = run("sample.py", "--ckpt", out, "--seconds", "1", "--out", video)
+        assert r.returncode == 0, r.stderr
+        assert schedule in r.stdout and sum(1 for _ in imageio.get_reader(video)) == 16
+
+
 def test_resume_continues_exactly(tmp_path):
     out = str(tmp_path / "run")
     assert run("train.py", "--tiny", "--steps", "8", "--save-every", "4", "--out", out).returncode == 0
@@ -111,7 +135,9 @@ def test_resume_continues_exactly(tmp_path):
 # {out} the output the command names, which must not exist afterwards.
 BAD_INPUT = [
     ("train.py --method nonsense --tiny", "unknown --method"),
-    ("train.py --method self --tiny", "not built yet"),
+    ("train.py --method context --tiny", "not built yet"),
+    ("train.py --method self --tiny", "--score"),
+    ("train.py --method self --tiny --score {ckpt}", "bidirectional"),
     ("train.py --tiny --topk 7", "--topk 7", "history frames"),
     ("train.py --tiny --route-sink 9", "--route-sink"),
     ("train.py --tiny --batch 1000000000", "--batch", "GiB"),
