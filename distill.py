@@ -14,7 +14,7 @@ The gradient that moves a student sample x is the difference of the two scores' 
 copy of x, (critic - score), normalised per sample by mean |x - score's x0| (DMD eq. 8); the loss
 0.5 |x - sg(x - grad)|^2 has exactly that gradient. Where critic and score agree, the student is not moved.
 
-The rollout keeps the gradient small and honest (notes 4.1): one few-step index, drawn per rollout and shared by
+The rollout keeps the gradient small and honest: one few-step index, drawn per rollout and shared by
 every chunk, is the exit step: chunk by chunk the sampler runs without gradient up to that step, the exit step
 runs with gradient and its x0 prediction is the chunk's output. The re-cache of that output runs without
 gradient, and the cache holds detached keys, so no gradient crosses from one chunk into another through
@@ -22,9 +22,9 @@ attention: each chunk's gradient path is its own exit-step forward.
 
 Rolling Forcing (Liu et al. 2025) trains on its own schedule (rollout.rolling_windows): the graded calls are
 the windows w with w = exit (mod W), which tile the chunks without overlap, so every chunk gets exactly one
-graded x0 prediction, at the noise level its window gave it (notes 6.3).
+graded x0 prediction, at the noise level its window gave it.
 
-Sizes and schedule follow the reference (notes 1.4): the DMD noise level t is one per clip, uniform then
+Sizes and schedule follow the public Self Forcing code: the DMD noise level t is one per clip, uniform then
 shifted, clamped to [0.02, 0.98]; the critic has no guidance and no prompt dropout.
 """
 
@@ -124,7 +124,7 @@ def self_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: MemoryCon
 
 def rolling_train_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: MemoryConfig, exit_window: int,
                           generator=None):
-    """Rolling Forcing's training rollout (notes 6.3): the rolling schedule of rollout.rolling_windows, where the
+    """Rolling Forcing's training rollout: the rolling schedule of rollout.rolling_windows, where the
     windows w with w % W == exit_window run with gradient. Those windows do not overlap and together cover every
     chunk once, so each chunk's output is its one graded x0 prediction, at the level its window gave it.
     """
@@ -147,7 +147,7 @@ def rolling_train_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: 
 # training: what train.py runs for --method self and --method rolling
 
 DISTILLED = ("self", "rolling")
-ROLLING_SHARE = 0.5    # Rolling Forcing mixes its rolling rollout with self forcing's, half and half (notes 6.3)
+ROLLING_SHARE = 0.5    # Rolling Forcing mixes its rolling rollout with self forcing's, half and half
 CRITIC_LR = 0.2        # the critic's learning rate as a share of the student's (4e-7 against 2e-6 in the reference)
 BETAS = (0.0, 0.999)   # Adam without momentum for both, as the reference: the critic's target moves every step
 

@@ -10,7 +10,7 @@ the layout of a frame is decided (s = 1 is the identity; docs/cpu-recipe.md says
 Two samplers turn pure noise for one chunk into x0, calling `denoise(x, sigma) -> v`:
   euler  the many-step flow ODE, with classifier-free guidance (the models trained by flow matching);
   few    predict x0, re-noise it with fresh noise to the next level, repeat (the distilled few-step models of
-         Self Forcing, Rolling Forcing and Context Forcing, at the levels of the notes' few-step lists).
+         Self Forcing, Rolling Forcing and Context Forcing, at the levels of their public few-step lists).
 """
 
 from dataclasses import dataclass

@@ -1,6 +1,6 @@
 """
-Streaming through the KV cache: the clean re-cache, and the chunk-by-chunk rollout every sampler, eval and the
-autoregressive history of Resampling Forcing share.
+Streaming through the KV cache: the clean re-cache, the chunked and the rolling rollouts, and prompt switching,
+shared by sample.py, eval.py, Resampling Forcing's autoregressive history and the distillation rollouts.
 
 A stream makes one chunk at a time. The chunk is denoised against the cache (the frames already made, at the
 positions the memory policy gives them, memory.py); then the model runs once more on the finished x0 at
@@ -55,7 +55,7 @@ def prefill(model, context, text, cache: KVCache, prompt=None):
 
 @torch.no_grad()
 def switch_prompt(model, cache: KVCache, text, prompt=None):
-    """A prompt switch (LongLive's KV re-cache, notes 7.3): re-encode every frame the cache keeps under the new
+    """A prompt switch (LongLive's KV re-cache): re-encode every frame the cache keeps under the new
     prompt batch `text`, at the frames' own absolute indices, a chunk at a time, each chunk reading the frames
     before it as already re-encoded: the cache becomes what it would be had the kept frames been streamed under
     the new prompt. One extra pass over the kept frames; the frames themselves do not change."""
@@ -70,9 +70,7 @@ def switch_prompt(model, cache: KVCache, text, prompt=None):
         while end < len(frames) and end - start < chunk and frames[end] == frames[end - 1] + 1:
             end += 1
         fresh.next_frame = frames[start]
-        _, kv = model.forward_cached(x[:, start:end], torch.zeros(x.shape[0], end - start, device=x.device), text,
-                                     fresh, prompt=prompt)
-        fresh.append(kv, x[:, start:end])
+        recache(model, x[:, start:end], text, fresh, prompt)
         start = end
     assert fresh.frames == frames, "re-encoding must keep exactly the cached frames"
     cache.k, cache.v, cache.x = fresh.k, fresh.v, fresh.x
@@ -125,7 +123,7 @@ def rollout(model, tokens, n_frames: int, memory: MemoryConfig, sampler: Sampler
 
 def rolling_windows(model, tokens, n_chunks: int, sigmas: list[float], cache: KVCache, prompt=None, generator=None,
                     graded=lambda w: False, clip: float | None = None):
-    """Rolling Forcing's windows over n_chunks chunks (notes 6.1), yielding (w, first, x0) per window w: the x0
+    """Rolling Forcing's windows over n_chunks chunks, yielding (w, first, x0) per window w: the x0
     prediction (B, k * chunk, C, H, W) of the window's chunks first..first + k - 1, oldest first.
 
     sigmas: the W few-step levels, highest first. Window w holds chunks max(0, w - W + 1)..min(n_chunks - 1, w);
