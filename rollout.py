@@ -63,7 +63,9 @@ def switch_prompt(model, cache: KVCache, text, prompt=None):
     if x is None:
         return   # nothing made yet: the new prompt simply starts the stream
     assert x.shape[0] == text.shape[0], f"the cache holds {x.shape[0]} streams, the prompt batch {text.shape[0]}"
-    fresh = KVCache(cache.cfg, len(cache.k))
+    # a cache that evicts nothing and places the frames as the stream's does: absolute, or contiguous (bounded)
+    keep_all = MemoryConfig("full") if cache.cfg.policy == "full" else MemoryConfig("window", window=len(frames))
+    fresh = KVCache(keep_all, len(cache.k))
     start = 0
     while start < len(frames):   # runs of consecutive frames (the sink and the window), at most a chunk each
         end = start + 1
@@ -73,7 +75,7 @@ def switch_prompt(model, cache: KVCache, text, prompt=None):
         recache(model, x[:, start:end], text, fresh, prompt)
         start = end
     assert fresh.frames == frames, "re-encoding must keep exactly the cached frames"
-    cache.k, cache.v, cache.x = fresh.k, fresh.v, fresh.x
+    cache.rewrite([fresh.kv(i) for i in range(len(fresh.k))])
 
 
 def denoiser(model, text, cache: KVCache, prompt, cfg: float):

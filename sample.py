@@ -47,6 +47,11 @@ def add_args(p, prompt=True):
     p.add_argument("--memory", default=MEMORY, help=f"KV cache policy: {', '.join(POLICIES)}")
     p.add_argument("--window", type=int, default=None, help="recent frames kept (default: fill the trained range)")
     p.add_argument("--sink", type=int, default=None, help="sink frames kept for good (default: one chunk)")
+    p.add_argument("--slow", type=int, default=None,
+                   help="slowfast: slow-memory frames (default: the trained range left after sink and window)")
+    p.add_argument("--tau", type=float, default=0.95,
+                   help="slowfast: a frame leaving fast memory is kept if its key similarity to the one before is "
+                        "below this")
     if prompt:
         p.add_argument("--prompt", default=None, help="caption (default: the caption of ToyWorld scene --seed)")
         p.add_argument("--switch", action="append", default=None, metavar="SECONDS:CAPTION",
@@ -125,19 +130,23 @@ class Stream:
             if kind != "few":
                 fail("--schedule rolling runs the few-step levels of a distilled model: add --sampler few")
             query = steps * cfg.chunk
-            if query + (cfg.chunk if args.memory == "sink" else 0) >= cfg.frames:
+            if query + (cfg.chunk if args.memory in ("sink", "slowfast") else 0) >= cfg.frames:
                 fail(f"a rolling window of {steps} chunks ({query} frames) leaves no history in the {cfg.frames} "
                      f"frames the model was trained on: use fewer --steps")
-        default_window = cfg.frames - query - (cfg.chunk if args.memory == "sink" else 0)
-        self.memory = MemoryConfig(policy=args.memory, window=default_window if args.window is None else args.window,
-                                   sink=cfg.chunk if args.sink is None else args.sink)
+        # defaults fill the trained range: sink one chunk; slowfast: a fast FIFO of one chunk, the rest slow
+        sink = cfg.chunk if args.sink is None else args.sink
+        history = cfg.frames - query - (sink if args.memory in ("sink", "slowfast") else 0)
+        window = args.window if args.window is not None else (cfg.chunk if args.memory == "slowfast" else history)
+        slow = args.slow if args.slow is not None else max(0, history - window)
+        self.memory = MemoryConfig(policy=args.memory, window=window, sink=sink, slow=slow, tau=args.tau)
         try:
             self.memory.check(query, cfg.frames)
         except ValueError as e:
             fail(e)
         if args.topk is not None:
             history = (None if self.memory.policy == "full" else
-                       self.memory.window + (self.memory.sink if self.memory.policy == "sink" else 0))
+                       self.memory.window + (self.memory.sink if self.memory.policy in ("sink", "slowfast") else 0)
+                       + (self.memory.slow if self.memory.policy == "slowfast" else 0))
             if args.topk < 0 or (history is not None and args.topk > history):
                 fail(f"--topk must be in 0..{history if history is not None else 'any'}: the {self.memory.policy} "
                      f"memory holds {history} history frames (0 = dense attention)")

@@ -63,6 +63,13 @@ def test_init_starts_from_the_checkpoints_ema_weights(trained, tmp_path):
     assert all(torch.allclose(v, start[k], atol=1e-6) for k, v in model.state_dict().items())
 
 
+def test_slowfast_memory_streams_the_exact_frame_count(trained, tmp_path):
+    out = str(tmp_path / "v.mp4")
+    r = run("sample.py", "--ckpt", trained, "--seconds", "2", "--memory", "slowfast", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "memory slowfast" in r.stdout and sum(1 for _ in imageio.get_reader(out)) == 32
+
+
 def test_rolling_schedule_streams_the_exact_frame_count(trained, tmp_path):
     out = str(tmp_path / "v.mp4")
     r = run("sample.py", "--ckpt", trained, "--seconds", "1", "--schedule", "rolling", "--sampler", "few", "--steps",
@@ -154,6 +161,8 @@ BAD_INPUT = [
     ("sample.py --ckpt {ckpt} --window 0 --out {out}", "window"),
     ("sample.py --ckpt {ckpt} --cfg -1 --out {out}", "--cfg"),
     ("sample.py --ckpt {ckpt} --schedule rolling --out {out}", "--sampler few"),
+    ("sample.py --ckpt {ckpt} --memory slowfast --tau 2 --out {out}", "tau"),
+    ("sample.py --ckpt {ckpt} --memory slowfast --slow 9 --out {out}", "slow 9", "exceeds"),
     ("sample.py --ckpt {ckpt} --switch 2 --out {out}", "--switch", "SECONDS:CAPTION"),
     ("sample.py --ckpt {ckpt} --seconds 4 --switch 9:a --out {out}", "--switch", "outside the stream"),
     ("sample.py --ckpt {ckpt} --switch 1:a --switch 1:b --out {out}", "two --switch"),

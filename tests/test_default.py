@@ -54,7 +54,7 @@ def test_default_streams_latents_with_the_spread_of_real_ones():
     from data import ToyWorld, to_float
     import sample
     args = SimpleNamespace(ckpt=DEFAULT_CKPT, seconds=4 * DiTConfig.preset("cpu").chunk / 16, minutes=None, fps=16,
-                           memory="sink", window=None, sink=None, prompt=None, sampler=None, steps=None, cfg=None,
+                           memory="sink", window=None, sink=None, slow=None, tau=0.95, prompt=None, sampler=None, steps=None, cfg=None,
                            topk=None, seed=1, device="cpu", schedule=None, switch=None)
     stream = sample.Stream(args)
     torch.manual_seed(0)

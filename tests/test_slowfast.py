@@ -1,0 +1,62 @@
+"""Context Forcing's slow/fast memory: promotion by surprise, bounded sizes and positions, constant bytes."""
+
+import torch
+
+from flow import SamplerConfig
+from memory import KVCache, MemoryConfig
+from model import DiT, DiTConfig
+from rollout import rollout
+
+L, H, HD = 4, 2, 8   # tokens per frame, heads, head dim of the hand-built keys
+
+
+def frame_kv(content: torch.Tensor, depth: int = 2):
+    """Keys/values of one frame whose every token carries `content` (H * HD,): one (k, v) per layer."""
+    k = content.view(1, 1, H, HD).expand(1, L, H, HD).clone()
+    return [(k, k.clone()) for _ in range(depth)]
+
+
+def test_a_repeated_frame_is_not_promoted_and_a_new_one_is():
+    torch.manual_seed(0)
+    a, b, c = torch.randn(H * HD), torch.randn(H * HD), torch.randn(H * HD)
+    cache = KVCache(MemoryConfig("slowfast", window=2, sink=1, slow=3, tau=0.95), depth=2)
+    for content in (a, a, a, b, b, c, c, c):   # frames 0..7; frame 0 is the sink
+        cache.append(frame_kv(content), torch.zeros(1, 1, 3, 4, 4))
+    # leaving the fast FIFO in order: 1 (a after a: dropped), 2 (a after a: dropped), 3 (b after a: promoted),
+    # 4 (b after b: dropped), 5 (c after b: promoted); 6 and 7 are the fast FIFO
+    assert cache.slow == [3, 5] and cache.frames == [0, 3, 5, 6, 7] and cache.promoted == 2
+    assert torch.equal(cache.k[0][:, 1, 0, :, :].flatten(), b) and torch.equal(cache.k[1][:, 2, 0].flatten(), c)
+
+
+def test_sizes_positions_and_bytes_stay_bounded_over_a_long_stream():
+    torch.manual_seed(0)
+    cfg = MemoryConfig("slowfast", window=4, sink=2, slow=6, tau=0.95)
+    cache = KVCache(cfg, depth=2)
+    sizes, chunk = [], 2
+    for t in range(300):
+        if t % 3 == 0:   # a new scene every third chunk, a still one between
+            scene = torch.randn(H * HD)
+        kvs = frame_kv(scene)
+        cache.append([(torch.cat([k, k], 1), torch.cat([v, v], 1)) for k, v in kvs], torch.zeros(1, chunk, 3, 4, 4))
+        fast = [f for f in cache.frames if f >= cfg.sink and f not in cache.slow]
+        assert len(cache.slow) <= cfg.slow and len(fast) <= cfg.window and len(cache) <= cfg.sink + cfg.slow + cfg.window
+        assert cache.frames == sorted(cache.frames) and cache.frames[:cfg.sink] == list(range(cfg.sink))
+        cached, query = cache.positions(chunk)
+        assert int(query.max()) <= cfg.sink + cfg.slow + cfg.window + chunk - 1
+        assert len(cache.descriptors) <= len(cache) + 1
+        sizes.append(cache.nbytes())
+    assert len(set(sizes[50:])) == 1 and 0 < cache.promoted < 300   # constant once slow memory is full
+
+
+@torch.no_grad()
+def test_a_model_streams_through_slowfast_memory():
+    torch.manual_seed(0)
+    cfg = DiTConfig.preset("tiny")
+    model = DiT(cfg)
+    memory = MemoryConfig("slowfast", window=2, sink=2, slow=2)
+    memory.check(cfg.chunk, cfg.frames)
+    cache = KVCache(memory, cfg.depth)
+    video = torch.cat(list(rollout(model, torch.randint(2, 20, (1, 6)), 40, memory, SamplerConfig(steps=2, cfg=1.0),
+                                   cache=cache)), 1)
+    assert video.shape[1] == 40 and torch.isfinite(video).all()
+    assert len(cache) <= 6 and cache.frames[:2] == [0, 1]
