@@ -100,7 +100,8 @@ def parse(argv=None):
     p.add_argument("--score", default=None, help="self, rolling: DMD's frozen score, a --method bidirectional model "
                    f"of the same preset (default with --cpu: {os.path.relpath(SCORE_CKPT)})")
     p.add_argument("--vae", default=None,
-                   help="trained frame VAE (vae.pt) of a latent preset (default: train one into OUT/vae first)")
+                   help="trained frame VAE of a latent preset: a vae.pt, or a latent model whose VAE to share "
+                        "(default: train one into OUT/vae first)")
     p.add_argument("--topk", type=int, default=0,
                    help="history routing: each query attends to its own chunk + its top-k history frames (0 = dense)")
     p.add_argument("--route-sink", type=int, default=0,
@@ -315,7 +316,8 @@ def frame_vae(args, steps: int, ddp: bool):
     """The frame VAE of a latent preset: --vae, or the one this run trained into OUT/vae (trained now if missing)."""
     if args.vae:
         try:
-            return load_vae(torch.load(args.vae, map_location="cpu", weights_only=True))
+            state = torch.load(args.vae, map_location="cpu", weights_only=True)
+            return load_vae(state["vae"] if "vae" in state else state)   # a vae.pt, or a latent model's checkpoint
         except Exception as e:
             raise SystemExit(f"train.py: error: cannot read --vae {args.vae}: {type(e).__name__}: {e}")
     if ddp:
