@@ -98,7 +98,8 @@ def parse(argv=None):
     p.add_argument("--init", default=None, help="start from this checkpoint's EMA weights (self, rolling: the causal "
                    "student; default with --cpu: the shipped checkpoints/default.pt)")
     p.add_argument("--score", default=None, help="self, rolling: DMD's frozen score, a --method bidirectional model "
-                   f"of the same preset (default with --cpu: {os.path.relpath(SCORE_CKPT)})")
+                   f"of the same preset (default: with --cpu {os.path.relpath(SCORE_CKPT)} if shipped, else one "
+                   "trained first into OUT/score)")
     p.add_argument("--vae", default=None,
                    help="trained frame VAE of a latent preset: a vae.pt, or a latent model whose VAE to share "
                         "(default: train one into OUT/vae first)")
@@ -129,13 +130,17 @@ def parse(argv=None):
     for k, v in PRESETS[args.preset].items():   # flags left unset take the preset's value
         if vars(args)[k] is None:
             setattr(args, k, v)
-    if args.method in DISTILLED and args.preset == "cpu":   # the shipped models, unless named
-        args.score = args.score or SCORE_CKPT
-        if args.init is None and not args.resume:
-            args.init = DEFAULT_CKPT
     if args.resample_warmup is None:            # resolved now, so it is stored with the run and never drifts
         args.resample_warmup = args.steps // 10
     args.out = args.out or os.path.join("runs", f"{args.method}-{args.preset}")
+    args.score_stage = None   # a folder to train the missing DMD score into first
+    if args.method in DISTILLED and args.score is None:   # the shipped models (--cpu), else trained first
+        shipped = args.preset == "cpu" and os.path.exists(SCORE_CKPT)
+        args.score = SCORE_CKPT if shipped else os.path.join(args.out, "score", "model.pt")
+        if not os.path.exists(args.score):
+            args.score_stage = os.path.dirname(args.score)
+    if args.method in DISTILLED and args.preset == "cpu" and args.init is None and not args.resume:
+        args.init = DEFAULT_CKPT
     return args
 
 
@@ -192,29 +197,27 @@ def check(args) -> dict | None:
 
 
 def check_distillation(args, cfg: DiTConfig):
-    """self, rolling: a bidirectional --score of this size, and a causal --init (unless resuming)."""
-    if not args.score:
-        raise SystemExit(f"train.py: error: --method {args.method} needs --score: a bidirectional model of this size "
-                         f"(python train.py --method bidirectional --{args.preset})")
-    try:
-        score = load_checkpoint(args.score)
-        check_same_model(score, cfg)
-    except CheckpointError as e:
-        hint = (" (train it: python train.py --method bidirectional --cpu, then pass --score "
-                "runs/bidirectional-cpu/model.pt)" if args.score == SCORE_CKPT else "")
-        raise SystemExit(f"train.py: error: --score: {e}{hint}")
-    if score["method"] != "bidirectional":
-        raise SystemExit(f"train.py: error: --score {args.score} is a {score['method']} model; DMD's score is a "
-                         f"bidirectional clip model (--method bidirectional)")
+    """self, rolling: a causal --init (unless resuming) and a bidirectional --score of this size (unless it is
+    to be trained first)."""
     if not args.resume and not args.init:
         raise SystemExit(f"train.py: error: --method {args.method} distils a causal model: name it with --init")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit(f"train.py: error: --method {args.method} runs in one process (no torchrun yet)")
-
+    if args.score_stage:
+        return   # trained first, by train_score
+    try:
+        score = load_checkpoint(args.score)
+        check_same_model(score, cfg)
+    except CheckpointError as e:
+        raise SystemExit(f"train.py: error: --score: {e}")
+    if score["method"] != "bidirectional":
+        raise SystemExit(f"train.py: error: --score {args.score} is a {score['method']} model; DMD's score is a "
+                         f"bidirectional clip model (--method bidirectional)")
 
 def settings(args) -> dict:
     """What defines a run: every flag that changes the trained weights (not where or how often it reports)."""
-    skip = ("out", "resume", "init", "vae", "log_every", "save_every", "workers", "device", "preset_note")
+    skip = ("out", "resume", "init", "vae", "log_every", "save_every", "workers", "device", "preset_note",
+            "score_stage")
     return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 
@@ -522,6 +525,19 @@ def train(args, init: dict | None = None):
     return model
 
 
+def train_score(args):
+    """Distillation's first stage when no score is shipped: the bidirectional model, in the student's latent space
+    (its VAE), trained into args.score_stage (resumed if it was stopped)."""
+    out = args.score_stage
+    student = load_checkpoint(args.init or DEFAULT_CKPT)
+    argv = ["--method", "bidirectional", f"--{args.preset}", "--out", out, "--seed", str(args.seed)] + \
+        (["--vae", student["path"]] if "vae" in student else []) + (["--resume"] if latest_checkpoint(out) else [])
+    print(f"stage 0: DMD's score, a bidirectional model, into {out}", flush=True)
+    score_args = parse(argv)
+    train(score_args, check(score_args))
+    args.score_stage = None
+
+
 def main(argv=None):
     args = parse(argv)
     init = check(args)
@@ -529,6 +545,9 @@ def main(argv=None):
         print(f"train.py: {args.preset_note}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # SIGTERM ends a run like Ctrl-C: one line
     try:
+        if args.score_stage:
+            train_score(args)
+            check_distillation(args, DiTConfig.preset(args.preset))
         train(args, init)
     except (DataError, CheckpointError) as e:
         raise SystemExit(f"train.py: error: {e}")

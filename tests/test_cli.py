@@ -116,6 +116,18 @@ def test_distillation_trains_resumes_exactly_and_streams_with_its_schedule(train
         assert schedule in r.stdout and sum(1 for _ in imageio.get_reader(video)) == 16
 
 
+def test_distillation_without_a_score_trains_one_first(trained, tmp_path, monkeypatch):
+    sys.path.insert(0, ROOT)
+    import train
+    monkeypatch.setitem(train.PRESETS, "tiny", {**train.PRESETS["tiny"], "steps": 2})   # the score's budget, here
+    out = str(tmp_path / "self")
+    train.main(["--method", "self", "--tiny", "--init", trained, "--out", out, "--log-every", "1"])
+    score = torch.load(os.path.join(out, "score", "model.pt"), weights_only=True)
+    student = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    assert score["method"] == "bidirectional" and score["step"] == 2 and student["method"] == "self"
+    assert student["args"]["score"] == os.path.join(out, "score", "model.pt")
+
+
 def test_resume_continues_exactly(tmp_path):
     out = str(tmp_path / "run")
     assert run("train.py", "--tiny", "--steps", "8", "--save-every", "4", "--out", out).returncode == 0
@@ -143,8 +155,8 @@ def test_resume_continues_exactly(tmp_path):
 BAD_INPUT = [
     ("train.py --method nonsense --tiny", "unknown --method"),
     ("train.py --method context --tiny", "not built yet"),
-    ("train.py --method self --tiny", "--score"),
-    ("train.py --method self --tiny --score {ckpt}", "bidirectional"),
+    ("train.py --method self --tiny", "--init"),
+    ("train.py --method self --tiny --score {ckpt} --init {ckpt}", "bidirectional"),
     ("train.py --tiny --topk 7", "--topk 7", "history frames"),
     ("train.py --tiny --route-sink 9", "--route-sink"),
     ("train.py --tiny --batch 1000000000", "--batch", "GiB"),
