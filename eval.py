@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data import DataError, ToyWorld, WorldConfig
-from metrics import draw, evaluate
+from metrics import draw, evaluate, frame_strip
 from sample import DEFAULT_CKPT, Stream, add_args, fail, output_path
 
 # ---- input, output and the command line -------------------------------------------------------------------------
@@ -92,6 +92,8 @@ def main(argv=None):
     p.add_argument("--tf-start", type=int, default=0, help="the first K frames are the world's own (with --ckpt: fed "
                    "to the model); score the rest by PSNR/SSIM against the true continuation. Needs --deterministic")
     p.add_argument("--out", default="runs/eval", help="folder for eval.json and eval.png")
+    p.add_argument("--strip", default=None, metavar="PNG", help="also write a frame strip: the world's own video "
+                   "(top) and the scored one, 4 frames from each of the first, middle and last second")
     args = p.parse_args(argv)
     args.prompt, args.switch = None, None   # no --prompt or --switch here: the world's captions, set below
     if args.tf_start < 0 or (args.tf_start and not args.deterministic):
@@ -120,6 +122,8 @@ def main(argv=None):
     if not stream:
         frames, source = read_frames(args.video, size), args.video
     output_path(os.path.join(args.out, "eval.json"))   # before sampling, so a stream is never lost to a bad --out
+    if args.strip:
+        output_path(args.strip)
     if stream:
         stream.prompt = world.caption(0)
         if args.switches:
@@ -143,7 +147,8 @@ def main(argv=None):
         fail(f"--tf-start {args.tf_start} leaves no frame of the {len(frames)} to score")
 
     result = evaluate(frames, world, args.fps, args.tf_start)
-    reference = evaluate(world.render(0, len(frames)), world, args.fps, args.tf_start)["figures"]
+    own = world.render(0, len(frames))
+    reference = evaluate(own, world, args.fps, args.tf_start)["figures"]
     result = {"source": source, "world": {"seed": world.seed, "size": size, "deterministic": args.deterministic,
                                           "events": len(world.events), "caption": world.caption(0)},
               "tf_start": args.tf_start, **result, "reference": reference}
@@ -151,6 +156,10 @@ def main(argv=None):
     text = json.dumps(plain(result), allow_nan=False)   # one line: the curves hold a number per frame
     write_atomic(json_path, lambda path: Path(path).write_text(text))
     write_atomic(png_path, lambda path: draw(frames, result["curves"], args.fps).save(path, format="PNG"))
+    if args.strip:
+        from PIL import Image
+
+        write_atomic(args.strip, lambda path: Image.fromarray(frame_strip([own, frames], args.fps)).save(path, "PNG"))
     for name, value in result["figures"].items():
         print(f"{name:18s} {value:10.4g}   (the world's own video: {reference[name]:.4g})")
     print(f"wrote {json_path} and {png_path}")

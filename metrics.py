@@ -410,15 +410,24 @@ def panel(pen, box, title, curves, colours):
                 pen.line(points * (2 if len(points) == 1 else 1), fill=colour, width=1)
 
 
+def frame_strip(videos, fps) -> np.ndarray:
+    """One row per video (uint8 [N, S, S, 3] each, equally long): 4 frames from each of the first, middle and
+    last second, white-framed, scaled up to about 800 pixels wide."""
+    n, sec = len(videos[0]), min(int(fps), len(videos[0]))
+    picks = [int(i) for a in (0, (n - sec) // 2, n - sec) for i in np.linspace(a, a + sec - 1, 4).round()]
+    rows = [np.concatenate([np.pad(v[i], ((2, 2), (2, 2), (0, 0)), constant_values=255) for i in picks], 1)
+            for v in videos]
+    strip = np.concatenate(rows, 0)
+    k = max(1, round(800 / strip.shape[1]))
+    return strip.repeat(k, 0).repeat(k, 1)
+
+
 def draw(frames, curves, fps):
     """The PNG: 4 frames from each of the first, middle and last second, over one line plot per curve."""
     from PIL import Image, ImageDraw
 
-    n, sec = len(frames), min(int(fps), len(frames))
-    picks = [int(i) for a in (0, (n - sec) // 2, n - sec) for i in np.linspace(a, a + sec - 1, 4).round()]
-    strip = np.concatenate([np.pad(frames[i], ((2, 2), (2, 2), (0, 0)), constant_values=255) for i in picks], 1)
-    k = max(1, round(800 / strip.shape[1]))
-    strip = strip.repeat(k, 0).repeat(k, 1)
+    n = len(frames)
+    strip = frame_strip([frames], fps)
     W, top, row = strip.shape[1], strip.shape[0], 64
     image = Image.new("RGB", (W, top + row * len(curves) + 24), "white")
     image.paste(Image.fromarray(strip))

@@ -266,9 +266,9 @@ def test_cli_scores_an_mp4_of_the_world(tmp_path):
     world, frames = world_video(3, seconds=40)
     video, out = str(tmp_path / "real.mp4"), tmp_path / "out"
     write_mp4(video, frames)
-    r = run("eval.py", video, "--world", "3", "--out", str(out))
+    r = run("eval.py", video, "--world", "3", "--out", str(out), "--strip", str(out / "strip.png"))
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == ["eval.json", "eval.png"]
+    assert sorted(os.listdir(out)) == ["eval.json", "eval.png", "strip.png"]
     result = json.loads((out / "eval.json").read_text())
     f = result["figures"]
     assert result["frames"] == len(frames) and result["world"]["caption"] == world.caption(0)
@@ -280,6 +280,8 @@ def test_cli_scores_an_mp4_of_the_world(tmp_path):
     assert len(result["curves"]["palette_fidelity"]) == len(frames)
     from PIL import Image
     assert Image.open(out / "eval.png").size[0] >= 400
+    strip = np.asarray(Image.open(out / "strip.png"))   # the world's own video above the scored one: here the same
+    assert strip.shape[0] % 2 == 0 and np.abs(strip[:strip.shape[0] // 2].astype(int) - strip[strip.shape[0] // 2:]).mean() < 8
 
 
 @pytest.fixture(scope="module")
