@@ -158,7 +158,7 @@ class Stream:
             self.add_switch(spec, args.fps)
         if self.switches and self.schedule == "rolling":
             fail("--switch works with the chunked schedule only")
-        unknown = sorted(set(w for c in [self.prompt, *self.switches.values()] for w in unknown_words(c)))
+        unknown = list(dict.fromkeys(w for c in [self.prompt, *self.switches.values()] for w in unknown_words(c)))
         if unknown:
             print(f"{PROG}: warning: not in the vocabulary, read as <unk>: {', '.join(unknown)} (the words the model "
                   f"knows are data.VOCAB: {' '.join(VOCAB[2:])})", file=sys.stderr)
