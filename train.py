@@ -46,7 +46,7 @@ from vae import VAEConfig, VAETraining, load_vae, train_vae, vae_state
 # ---- defaults: one block, every value is a flag below ------------------------------------------------------
 PRESETS = {   # model preset -> training hyper-parameters
     "tiny":  dict(batch=8,  lr=1e-3, steps=300,   warmup=20,   ema=0.99,  log_every=20,  save_every=100),
-    "cpu":   dict(batch=8,  lr=1e-3, steps=3000,  warmup=100,  ema=0.998, log_every=25,  save_every=100),
+    "cpu":   dict(batch=8,  lr=1e-3, steps=6000,  warmup=100,  ema=0.998, log_every=25,  save_every=100),
     "small": dict(batch=32, lr=3e-4, steps=20000, warmup=1000, ema=0.999, log_every=100, save_every=2000),
     "wan":   dict(batch=1,  lr=2e-6, steps=1000,  warmup=0,    ema=0.99,  log_every=1,   save_every=100),
 }
