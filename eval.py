@@ -166,7 +166,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for sig in (signal.SIGINT, signal.SIGTERM):   # also where a shell started it with SIGINT ignored
+        signal.signal(sig, signal.default_int_handler)
     try:
         main()
     except KeyboardInterrupt:

@@ -259,7 +259,8 @@ def main(argv=None):
 
     # frames go to a hidden .part file (no video extension, so no player takes it for a result), renamed at the end
     tmp = os.path.join(os.path.dirname(out), "." + os.path.basename(out) + ".part")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)   # like Ctrl-C: the partial file is removed
+    for sig in (signal.SIGINT, signal.SIGTERM):   # even where a shell started it with SIGINT ignored
+        signal.signal(sig, signal.default_int_handler)   # like Ctrl-C: the partial file is removed
     size = (stream.size * args.scale, stream.size * args.scale)
     writer = imageio_ffmpeg.write_frames(tmp, size, fps=args.fps, codec="libx264", quality=8, macro_block_size=1,
                                          output_params=["-f", "mp4", "-preset", "ultrafast",

@@ -543,7 +543,8 @@ def main(argv=None):
     init = check(args)
     if args.preset_note:
         print(f"train.py: {args.preset_note}")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)   # SIGTERM ends a run like Ctrl-C: one line
+    for sig in (signal.SIGINT, signal.SIGTERM):   # one line, even where a shell started it with SIGINT ignored
+        signal.signal(sig, signal.default_int_handler)
     try:
         if args.score_stage:
             train_score(args)
