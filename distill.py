@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flow import add_noise, few_step_sigmas, shift_sigma, to_x0
+from flow import SamplerConfig, add_noise, few_step_sigmas, sample_few_step, shift_sigma, to_x0
 from memory import KVCache, MemoryConfig
-from rollout import recache, rolling_windows
+from rollout import denoiser, recache, rolling_windows
 
 
 @dataclass
@@ -102,20 +102,14 @@ def self_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: MemoryCon
     c = model.cfg
     assert n_frames % c.chunk == 0 and 0 <= exit_step < len(cfg.levels), (n_frames, exit_step)
     B, device = tokens.shape[0], tokens.device
-    sigmas = few_step_sigmas(cfg.levels, cfg.shift)
+    sampler = SamplerConfig(kind="few", levels=cfg.levels, shift=cfg.shift)   # the student's, unguided
     cache = KVCache(memory, c.depth)
     prompt = model.text(tokens)
+    denoise = denoiser(model, tokens, cache, prompt, sampler)
     chunks = []
     for _ in range(n_frames // c.chunk):
-        x = torch.randn(B, c.chunk, c.channels, c.height, c.width, device=device, generator=generator)
-        for i, s in enumerate(sigmas):
-            sigma = torch.full((B, c.chunk), s, device=device)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and i == exit_step):
-                x0 = to_x0(x, sigma, model.forward_cached(x, sigma, tokens, cache, prompt=prompt)[0].float())
-            if i == exit_step:
-                break
-            eps = torch.randn(x0.shape, device=device, generator=generator)
-            x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps
+        noise = torch.randn(B, c.chunk, c.channels, c.height, c.width, device=device, generator=generator)
+        x0 = sample_few_step(denoise, noise, sampler.sigmas(), generator, exit_step)
         with torch.no_grad():
             recache(model, x0.detach(), tokens, cache, prompt)
         chunks.append(x0)

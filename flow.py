@@ -81,15 +81,26 @@ def sample_euler(denoise, noise, sigmas):
     return x
 
 
-def sample_few_step(denoise, noise, sigmas, generator=None):
-    """Consistency-style sampler of the distilled models: predict x0, re-noise it with fresh noise."""
+def sample_few_step(denoise, noise, sigmas, generator=None, exit_step: int | None = None):
+    """Consistency-style sampler of the distilled models: predict x0, re-noise it with fresh noise.
+
+    exit_step: stop at that step and return its x0 (Self Forcing's training rollout). Only the returned step runs
+    with gradient (if gradient is on at all): the steps before it only choose where it starts."""
+    last = len(sigmas) - 1 if exit_step is None else exit_step
+    assert 0 <= last < len(sigmas), (exit_step, len(sigmas))
     x = noise
-    for i, s in enumerate(sigmas):
-        x0 = x - s * denoise(x, s)
-        if i + 1 == len(sigmas):
+    for i, s in enumerate(sigmas[:last + 1]):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i == last):
+            x0 = x - s * denoise(x, s)
+        if i == last:
             return x0
         eps = torch.randn(x0.shape, device=x0.device, generator=generator)
         x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps
+
+
+def bound(x, clip: float | None):
+    """Clip finished frames to the data's range |x| <= clip; None (VAE latents, which are unbounded) leaves them."""
+    return x if clip is None else x.clamp(-clip, clip)
 
 
 def sample(sampler: SamplerConfig, denoise, noise, generator=None):
@@ -97,4 +108,4 @@ def sample(sampler: SamplerConfig, denoise, noise, generator=None):
     sigmas = sampler.sigmas()
     x0 = sample_euler(denoise, noise, sigmas) if sampler.kind == "euler" else \
         sample_few_step(denoise, noise, sigmas, generator)
-    return x0 if sampler.clip is None else x0.clamp(-sampler.clip, sampler.clip)
+    return bound(x0, sampler.clip)

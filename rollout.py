@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from flow import SamplerConfig, sample, to_x0
+from flow import SamplerConfig, bound, sample, to_x0
 from memory import KVCache, MemoryConfig
 
 
@@ -78,17 +78,18 @@ def switch_prompt(model, cache: KVCache, text, prompt=None):
     cache.rewrite([fresh.kv(i) for i in range(len(fresh.k))])
 
 
-def denoiser(model, text, cache: KVCache, prompt, cfg: float):
-    """denoise(x, sigma) -> v for a chunk x (B, n, C, H, W) against the cache, guided when text holds 2B rows."""
+def denoiser(model, text, cache: KVCache, prompt, sampler: SamplerConfig):
+    """denoise(x, sigma) -> v for a chunk x (B, n, C, H, W) against the cache; text is the stream's prompt batch
+    (prompts(tokens, sampler.guided)): under guidance x runs beside itself under the null prompt."""
     def denoise(x, s):
-        guided = text.shape[0] == 2 * x.shape[0]
-        xx = torch.cat([x, x]) if guided else x
+        assert text.shape[0] == (2 if sampler.guided else 1) * x.shape[0], (text.shape, x.shape)
+        xx = torch.cat([x, x]) if sampler.guided else x
         sigma = torch.full(xx.shape[:2], s, device=x.device)
         v = model.forward_cached(xx, sigma, text, cache, prompt=prompt)[0].float()
-        if not guided:
+        if not sampler.guided:
             return v
         v_cond, v_null = v.chunk(2)
-        return v_null + cfg * (v_cond - v_null)
+        return v_null + sampler.cfg * (v_cond - v_null)
     return denoise
 
 
@@ -110,13 +111,13 @@ def rollout(model, tokens, n_frames: int, memory: MemoryConfig, sampler: Sampler
     cache = KVCache(memory, cfg.depth) if cache is None else cache
     prompt = model.text(text)   # one prompt for the whole stream: encode it once
     prefill(model, context, text, cache, prompt)
-    denoise = denoiser(model, text, cache, prompt, sampler.cfg)
+    denoise = denoiser(model, text, cache, prompt, sampler)
     for i in range(math.ceil(n_frames / chunk)):
         if i * chunk in switches:   # a new prompt from this chunk on: re-encode what the cache keeps under it
             text = prompts(switches[i * chunk], sampler.guided)
             prompt = model.text(text)
             switch_prompt(model, cache, text, prompt)
-            denoise = denoiser(model, text, cache, prompt, sampler.cfg)
+            denoise = denoiser(model, text, cache, prompt, sampler)
         noise = torch.randn(B, chunk, cfg.channels, cfg.height, cfg.width, device=tokens.device, generator=generator)
         x0 = sample(sampler, denoise, noise, generator)
         recache(model, x0, text, cache, prompt)
@@ -156,7 +157,7 @@ def rolling_windows(model, tokens, n_chunks: int, sigmas: list[float], cache: KV
         if w - first == W - 1:   # the oldest chunk is finished: it leaves the window and enters the cache
             done = x0[:, :c.chunk].detach()
             with torch.no_grad():
-                recache(model, done if clip is None else done.clamp(-clip, clip), tokens, cache, prompt)
+                recache(model, bound(done, clip), tokens, cache, prompt)
             del noisy[first]
         yield w, first, x0
 
@@ -176,4 +177,4 @@ def rolling_rollout(model, tokens, n_frames: int, memory: MemoryConfig, sampler:
                                         generator=generator, clip=sampler.clip):
         if w - first == W - 1:
             chunk = x0[:, :cfg.chunk]
-            yield chunk if sampler.clip is None else chunk.clamp(-sampler.clip, sampler.clip)
+            yield bound(chunk, sampler.clip)
