@@ -60,6 +60,14 @@ RECIPE = {    # model preset -> what no flag changes: noise schedule, precision 
     "small": dict(shift=1.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
     "wan":   dict(shift=3.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
 }
+DISTILL = {   # model preset -> self, rolling: DMD's values of the same flags, in place of PRESETS'
+    "tiny":  dict(lr=1e-4, steps=100,  warmup=0, ema=0.99, log_every=10, save_every=50),
+    "cpu":   dict(lr=1e-4, steps=500,  warmup=0, ema=0.99, log_every=10, save_every=50),
+    "small": dict(lr=2e-5, steps=2000, warmup=0, ema=0.99, log_every=20, save_every=200),
+    "wan":   dict(lr=2e-6, steps=600,  warmup=0, ema=0.99, log_every=1,  save_every=100),
+}
+# self, rolling with no score given: the score stage fine-tunes the causal student into the bidirectional score
+SCORE_STEPS = {"tiny": 100, "cpu": 1500, "small": 5000, "wan": 1000}
 LR_FLOOR = 0.1       # the learning rate decays from its peak to LR_FLOOR x peak over the run (cosine)
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
@@ -70,7 +78,10 @@ DEFAULT_CKPT, SCORE_CKPT = os.path.join(CHECKPOINTS, "default.pt"), os.path.join
 
 
 def preset_defaults(key: str) -> str:
-    return ", ".join(f"{name} {values[key]:g}" for name, values in PRESETS.items())
+    text = ", ".join(f"{name} {values[key]:g}" for name, values in PRESETS.items())
+    if key in DISTILL["cpu"]:
+        text += "; self, rolling: " + ", ".join(f"{name} {values[key]:g}" for name, values in DISTILL.items())
+    return text
 
 
 def parse(argv=None):
@@ -127,7 +138,8 @@ def parse(argv=None):
         args.preset = "small" if torch.cuda.is_available() else "cpu"
         if args.preset == "cpu":
             args.preset_note = "no size flag and no GPU here: training the --cpu recipe (--small is the one-GPU preset)"
-    for k, v in PRESETS[args.preset].items():   # flags left unset take the preset's value
+    preset = {**PRESETS[args.preset], **(DISTILL[args.preset] if args.method in DISTILLED else {})}
+    for k, v in preset.items():   # flags left unset take the preset's value
         if vars(args)[k] is None:
             setattr(args, k, v)
     if args.resample_warmup is None:            # resolved now, so it is stored with the run and never drifts
@@ -526,13 +538,17 @@ def train(args, init: dict | None = None):
 
 
 def train_score(args):
-    """Distillation's first stage when no score is shipped: the bidirectional model, in the student's latent space
-    (its VAE), trained into args.score_stage (resumed if it was stopped)."""
+    """Distillation's first stage when no score is given: the causal student fine-tuned into the bidirectional score
+    (same weights, full attention over the clip) for SCORE_STEPS, in its latent space (its VAE), into
+    args.score_stage (resumed if it was stopped). The student already draws the world, so this takes minutes where a
+    score from nothing would take as long as the student did."""
     out = args.score_stage
     student = load_checkpoint(args.init or DEFAULT_CKPT)
-    argv = ["--method", "bidirectional", f"--{args.preset}", "--out", out, "--seed", str(args.seed)] + \
-        (["--vae", student["path"]] if "vae" in student else []) + (["--resume"] if latest_checkpoint(out) else [])
-    print(f"stage 0: DMD's score, a bidirectional model, into {out}", flush=True)
+    resume = latest_checkpoint(out) is not None
+    argv = ["--method", "bidirectional", f"--{args.preset}", "--steps", str(SCORE_STEPS[args.preset]), "--out", out,
+            "--seed", str(args.seed)] + (["--vae", student["path"]] if "vae" in student else []) + \
+        (["--resume"] if resume else ["--init", student["path"]])
+    print(f"stage 0: DMD's score, the student fine-tuned into a bidirectional model, into {out}", flush=True)
     score_args = parse(argv)
     train(score_args, check(score_args))
     args.score_stage = None

@@ -119,13 +119,18 @@ def test_distillation_trains_resumes_exactly_and_streams_with_its_schedule(train
 def test_distillation_without_a_score_trains_one_first(trained, tmp_path, monkeypatch):
     sys.path.insert(0, ROOT)
     import train
-    monkeypatch.setitem(train.PRESETS, "tiny", {**train.PRESETS["tiny"], "steps": 2})   # the score's budget, here
+    monkeypatch.setitem(train.SCORE_STEPS, "tiny", 2)   # the budgets, here
+    monkeypatch.setitem(train.DISTILL, "tiny", {**train.DISTILL["tiny"], "steps": 2})
     out = str(tmp_path / "self")
     train.main(["--method", "self", "--tiny", "--init", trained, "--out", out, "--log-every", "1"])
     score = torch.load(os.path.join(out, "score", "model.pt"), weights_only=True)
     student = torch.load(os.path.join(out, "model.pt"), weights_only=True)
     assert score["method"] == "bidirectional" and score["step"] == 2 and student["method"] == "self"
     assert student["args"]["score"] == os.path.join(out, "score", "model.pt")
+    # the score is the student fine-tuned: two steps from its weights, not from a fresh initialisation
+    init, fresh = train.load_checkpoint(trained)["ema"], train.DiT(train.DiTConfig.preset("tiny")).state_dict()
+    moved = sum((score["ema"][k].float() - init[k].float()).norm() for k in init)
+    assert moved < 0.1 * sum((fresh[k].float() - init[k].float()).norm() for k in init)
 
 
 def test_resume_continues_exactly(tmp_path):
