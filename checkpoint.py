@@ -5,8 +5,13 @@ A training checkpoint holds model, EMA and optimizer state, the DiT config, the 
 settings ("args") and its generator states; a latent run adds its frame VAE ("vae"), the timestep shift and
 the sampler defaults. `export_model` keeps what streaming reads (the EMA weights in fp16, config, VAE, sampler
 defaults): that is the file sample.py loads, e.g. checkpoints/default.pt. Every error is one line for the user.
+
+A run directory (train.py --out) holds a run's checkpoints, the last KEEP_CHECKPOINTS of them, and is written by one
+process at a time (a lock). --resume continues a run exactly, and only the same run: the checkpoint's settings,
+method and model size must be the run's, and its generator states restore the noise the losses draw.
 """
 
+import fcntl
 import glob
 import os
 import zipfile
@@ -87,3 +92,67 @@ def model_from_checkpoint(ckpt: dict, ema: bool = True) -> DiT:
     model = DiT(DiTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["ema" if ema else "model"])
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run directory: one writer, the last checkpoints kept, exact resume
+
+KEEP_CHECKPOINTS = 2
+
+
+def lock_run_directory(out: str):
+    """Hold an exclusive lock on the run directory until the process exits; refuse a second writer. Removes the
+    temporaries of a run that was killed mid-write (its VAE's too)."""
+    os.makedirs(out, exist_ok=True)
+    handle = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise CheckpointError(f"another training (pid {handle.read().strip() or '?'}) is writing to {out}; give this "
+                              f"one another --out")
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    for folder, _, names in os.walk(out):
+        for name in names:
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(folder, name))
+    return handle
+
+
+def prune_checkpoints(out: str):
+    for old in sorted(glob.glob(os.path.join(out, "ckpt_*.pt")))[:-KEEP_CHECKPOINTS]:
+        os.remove(old)
+
+
+def check_resume(ckpt: dict, method: str, cfg: DiTConfig, settings: dict, steps: int, processes: int):
+    """Refuse, in one line, a resume that would not continue the same run: another method or model size, other
+    settings (every flag that changes the weights), a finished run, another number of processes."""
+    if ckpt["method"] != method or ckpt["config"] != asdict(cfg):
+        raise CheckpointError(f"{ckpt['path']} was trained with another method or model size")
+    stored = ckpt.get("args")
+    if stored is None:   # a checkpoint from before runs stored their settings
+        raise CheckpointError(f"{ckpt['path']} does not record its run's settings; start a new run from it with "
+                              f"--init instead")
+    differ = [k for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k)]
+    if differ:
+        flags = ", ".join(f"--{k.replace('_', '-')} {settings.get(k)} (the run has {stored.get(k)})" for k in differ)
+        raise CheckpointError(f"--resume must continue the same run, but {flags}; start a new run from it with "
+                              f"--init instead")
+    if ckpt["step"] >= steps:
+        raise CheckpointError(f"{ckpt['path']} is already at step {ckpt['step']} of {steps}: the run is finished")
+    if len(ckpt["rng"]) != processes:
+        raise CheckpointError(f"{ckpt['path']} was written by {len(ckpt['rng'])} processes; resume it with as many "
+                              f"(this is {processes})")
+
+
+def rng_states(device) -> dict:
+    """The generators the losses draw their noise from, on this rank."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng(state: dict, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)

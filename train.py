@@ -26,15 +26,15 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from data import DataError, ToyWorld, VideoFolder, WorldConfig, sample_clips, to_uint8, tokenize
-from checkpoint import (CheckpointError, check_same_model, export_model, latest_checkpoint, load_checkpoint,
-                        model_from_checkpoint, save_checkpoint)
+from checkpoint import (CheckpointError, check_resume, check_same_model, export_model, latest_checkpoint,
+                        load_checkpoint, lock_run_directory, model_from_checkpoint, prune_checkpoints, restore_rng,
+                        rng_states, save_checkpoint)
 from flow import SamplerConfig
 from distill import BETAS, DISTILLED, DMDConfig, Distiller, few_step_levels
 from forcing import LOSSES, METHODS, PLANNED, ResamplingConfig, resampling_loss, teacher_loss
@@ -71,7 +71,6 @@ SCORE_STEPS = {"tiny": 100, "cpu": 1500, "small": 5000, "wan": 1000}
 LR_FLOOR = 0.1       # the learning rate decays from its peak to LR_FLOOR x peak over the run (cosine)
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
-KEEP_CHECKPOINTS = 2
 MEMORY_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 CHECKPOINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
 DEFAULT_CKPT, SCORE_CKPT = os.path.join(CHECKPOINTS, "default.pt"), os.path.join(CHECKPOINTS, "score.pt")
@@ -233,23 +232,6 @@ def settings(args) -> dict:
     return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 
-def check_resume(ckpt: dict, args):
-    """Refuse, in one line, a resume that would not continue the same run."""
-    stored = ckpt.get("args")
-    if stored is None:   # a checkpoint from before runs stored their settings
-        raise SystemExit(f"train.py: error: {ckpt['path']} does not record its run's settings; start a new run "
-                         f"from it with --init instead")
-    ours = settings(args)
-    differ = [k for k in sorted(set(stored) | set(ours)) if stored.get(k) != ours.get(k)]
-    if differ:
-        flags = ", ".join(f"--{k.replace('_', '-')} {ours.get(k)} (the run has {stored.get(k)})" for k in differ)
-        raise SystemExit(f"train.py: error: --resume must continue the same run, but {flags}; "
-                         f"start a new run from it with --init instead")
-    if ckpt["step"] >= args.steps:
-        raise SystemExit(f"train.py: error: {ckpt['path']} is already at step {ckpt['step']} of {args.steps}: "
-                         f"the run is finished")
-
-
 # ---- data ------------------------------------------------------------------------------------------------
 class Clips(torch.utils.data.IterableDataset):
     """An endless stream of (video, prompt tokens) training batches, from ToyWorld or a video folder."""
@@ -342,11 +324,6 @@ def frame_vae(args, steps: int, ddp: bool):
                      log=lambda line: print(line, flush=True))
 
 
-def rng_states(device) -> dict:
-    """The generators the losses draw their noise from, on this rank."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
 def gather(obj, ddp: bool) -> list:
     if not ddp:
         return [obj]
@@ -358,28 +335,6 @@ def gather(obj, ddp: bool) -> list:
 def rank_seed(seed: int, rank: int) -> int:
     """Each rank its own noise stream (sigma, eps, t_s, prompt dropout); weights are drawn before, from `seed`."""
     return int(np.random.SeedSequence([seed, rank, 1]).generate_state(1)[0])
-
-
-def lock_run_directory(out: str):
-    """Hold an exclusive lock on the run directory until the process exits; refuse a second writer."""
-    import fcntl
-
-    os.makedirs(out, exist_ok=True)
-    handle = open(os.path.join(out, ".lock"), "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        raise SystemExit(f"train.py: error: another training (pid {handle.read().strip() or '?'}) is writing to "
-                         f"{out}; give this one another --out")
-    handle.truncate(0)
-    handle.write(str(os.getpid()))
-    handle.flush()
-    for folder, _, names in os.walk(out):   # temporaries of a run that was killed mid-write (its VAE's too)
-        for name in names:
-            if name.endswith(".tmp"):
-                os.remove(os.path.join(folder, name))
-    return handle
 
 
 # ---- training ----------------------------------------------------------------------------------------------
@@ -436,21 +391,13 @@ def train(args, init: dict | None = None):
     step = 0
     if args.resume and latest_checkpoint(args.out):   # (a run stopped in stage 1 has none yet: the DiT starts)
         ckpt = load_checkpoint(latest_checkpoint(args.out))
-        if ckpt["method"] != args.method or ckpt["config"] != asdict(cfg):
-            raise SystemExit(f"train.py: error: {ckpt['path']} was trained with another method or model size")
-        check_resume(ckpt, args)
+        check_resume(ckpt, args.method, cfg, settings(args), args.steps, world_size)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         if distiller:
             distiller.load_state_dict(ckpt)
-        if len(ckpt["rng"]) != world_size:
-            raise SystemExit(f"train.py: error: {ckpt['path']} was written by {len(ckpt['rng'])} processes; resume it "
-                             f"with as many (this is {world_size})")
-        state = ckpt["rng"][rank]
-        torch.set_rng_state(state["cpu"])
-        if device.type == "cuda" and state["cuda"] is not None:
-            torch.cuda.set_rng_state(state["cuda"], device)
+        restore_rng(ckpt["rng"][rank], device)
         step = ckpt["step"]
         if master:
             print(f"resumed from {ckpt['path']} at step {step}")
@@ -518,8 +465,7 @@ def train(args, init: dict | None = None):
             if master:
                 save_checkpoint(os.path.join(args.out, f"ckpt_{step:07d}.pt"), model, ema, opt, args.method, step,
                                 {**extra, "rng": rng, **(distiller.state_dict() if distilling else {})})
-                for old in sorted(p for p in os.listdir(args.out) if p.startswith("ckpt_"))[:-KEEP_CHECKPOINTS]:
-                    os.remove(os.path.join(args.out, old))
+                prune_checkpoints(args.out)
     if master:
         final = latest_checkpoint(args.out)
         export_model(os.path.join(args.out, "model.pt"), load_checkpoint(final))
