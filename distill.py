@@ -138,9 +138,47 @@ def rolling_train_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: 
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Causal Forcing's causal ODE initialisation: the few-step student regresses its causal teacher's ODE
+
+@torch.no_grad()
+def ode_trajectory(teacher, x, tokens, grid, every: int, guidance: float, noise=None, generator=None):
+    """The causal teacher's guided Euler ODE from noise for every chunk of the real clip x (B, F, C, H, W) at
+    once, each chunk with the real frames before it as its clean history (the teacher-forcing layout): Causal
+    Forcing's causal ODE pairs, made on the fly. grid: the teacher's Euler noise levels, 1 down to 0 (flow.
+    euler_sigmas); every: keep the state at every `every`-th level, the few-step student's levels. Returns the
+    kept states (W, B, F, C, H, W) and the end of the ODE (B, F, C, H, W).
+    """
+    B = x.shape[0]
+    text, clean = torch.cat([tokens, torch.zeros_like(tokens)]), torch.cat([x, x])   # [prompt | null prompt]
+    z = torch.randn(x.shape, device=x.device, generator=generator) if noise is None else noise
+    states = []
+    for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
+        if i % every == 0:
+            states.append(z)
+        sigma = torch.full((2 * B, x.shape[1]), s, device=x.device)
+        v = teacher(torch.cat([z, z]), sigma, text, layout="teacher_forcing", clean=clean).float()
+        z = z + (s_next - s) * (v[B:] + guidance * (v[:B] - v[B:]))   # the sampler's guidance: null + g (cond - null)
+    return torch.stack(states), z
+
+
+def ode_loss(model, x, tokens, teacher, grid, every: int, guidance: float, generator=None):
+    """The student's x0 at a kept state of the teacher's ODE, against the ODE's end: one level per clip, shared by
+    its chunks (as Causal Forcing does), the real frames as history. Teaches the few-step sampler the guided
+    teacher's map from noise to frames, so DMD starts from a student that already draws what the teacher draws."""
+    states, end = ode_trajectory(teacher, x, tokens, grid, every, guidance, generator=generator)
+    B, Fr = x.shape[:2]
+    i = torch.randint(len(states), (B,), device=x.device, generator=generator)
+    z = states[i, torch.arange(B, device=x.device)]                                    # (B, F, C, H, W)
+    sigma = torch.tensor(grid[::every][:len(states)], device=x.device)[i][:, None].expand(B, Fr)
+    x0 = to_x0(z, sigma, model(z, sigma, tokens, layout="teacher_forcing", clean=x).float())
+    return F.mse_loss(x0, end)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # training: what train.py runs for --method self and --method rolling
 
-DISTILLED = ("self", "rolling")
+DISTILLED = ("self", "rolling")   # the DMD methods
+ODE = "ode"                       # Causal Forcing's causal ODE initialisation of a few-step student
 ROLLING_SHARE = 0.5    # Rolling Forcing mixes its rolling rollout with self forcing's, half and half
 CRITIC_LR = 0.2        # the critic's learning rate as a share of the student's (4e-7 against 2e-6 in the reference)
 BETAS = (0.0, 0.999)   # Adam without momentum for both, as the reference: the critic's target moves every step

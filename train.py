@@ -35,8 +35,8 @@ from data import DataError, ToyWorld, VideoFolder, WorldConfig, sample_clips, to
 from checkpoint import (CheckpointError, check_resume, check_same_model, export_model, latest_checkpoint,
                         load_checkpoint, lock_run_directory, model_from_checkpoint, prune_checkpoints, restore_rng,
                         rng_states, save_checkpoint)
-from flow import SamplerConfig
-from distill import BETAS, DISTILLED, DMDConfig, Distiller, few_step_levels
+from flow import SamplerConfig, euler_sigmas
+from distill import BETAS, DISTILLED, ODE, DMDConfig, Distiller, few_step_levels, ode_loss
 from forcing import LOSSES, METHODS, PLANNED, ResamplingConfig, resampling_loss, teacher_loss
 from memory import MemoryConfig
 from model import DiT, DiTConfig, pick_device
@@ -85,7 +85,7 @@ def preset_defaults(key: str) -> str:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--method", default="teacher", help=f"training recipe: {', '.join(METHODS + DISTILLED)}")
+    p.add_argument("--method", default="teacher", help=f"training recipe: {', '.join(METHODS + (ODE,) + DISTILLED)}")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tiny", dest="preset", action="store_const", const="tiny", help="tiny model (CPU, tests)")
     size.add_argument("--cpu", dest="preset", action="store_const", const="cpu",
@@ -137,7 +137,7 @@ def parse(argv=None):
         args.preset = "small" if torch.cuda.is_available() else "cpu"
         if args.preset == "cpu":
             args.preset_note = "no size flag and no GPU here: training the --cpu recipe (--small is the one-GPU preset)"
-    preset = {**PRESETS[args.preset], **(DISTILL[args.preset] if args.method in DISTILLED else {})}
+    preset = {**PRESETS[args.preset], **(DISTILL[args.preset] if args.method in (ODE,) + DISTILLED else {})}
     for k, v in preset.items():   # flags left unset take the preset's value
         if vars(args)[k] is None:
             setattr(args, k, v)
@@ -157,8 +157,8 @@ def parse(argv=None):
 
 def check(args) -> dict | None:
     """Refuse bad input with one line, before anything is built or written. Returns the --init checkpoint."""
-    if args.method not in METHODS + DISTILLED:
-        built = ", ".join(METHODS + DISTILLED)
+    if args.method not in METHODS + (ODE,) + DISTILLED:
+        built = ", ".join(METHODS + (ODE,) + DISTILLED)
         if args.method in PLANNED:
             raise SystemExit(f"train.py: error: --method {args.method} is not built yet (available: {built})")
         raise SystemExit(f"train.py: error: unknown --method {args.method!r} (available: {built})")
@@ -197,6 +197,8 @@ def check(args) -> dict | None:
         raise SystemExit(f"train.py: error: --vae is for a latent preset (--cpu); --{args.preset} models pixels")
     if args.method in DISTILLED:
         check_distillation(args, cfg)
+    if args.method == ODE and not args.resume and not args.init:
+        raise SystemExit("train.py: error: --method ode distils a causal model's sampler: name the model with --init")
     if not args.init:
         return None
     try:
@@ -361,8 +363,17 @@ def train(args, init: dict | None = None):
     cfg = DiTConfig.preset(args.preset)
     cfg.topk, cfg.route_sink = args.topk, args.route_sink
     recipe = RECIPE[args.preset]
-    vae, distilling = None, args.method in DISTILLED
-    if distilling:   # the student's latent space is its own: the VAE comes with the model being distilled
+    vae, distilling, ode = None, args.method in DISTILLED, args.method == ODE
+    if ode:   # the teacher: --init, kept in the run directory so that --resume regresses the same one
+        if init is not None:
+            export_model(os.path.join(args.out, "teacher.pt"), init)
+        teacher_ckpt = load_checkpoint(os.path.join(args.out, "teacher.pt"))
+        teacher = model_from_checkpoint(teacher_ckpt).float().to(device).eval().requires_grad_(False)
+        vae = load_vae(teacher_ckpt["vae"]).to(device) if "vae" in teacher_ckpt else None
+        levels = few_step_levels("self", cfg)   # the ODE runs the teacher's own Euler steps, rounded to fit them
+        every = max(1, round(teacher_ckpt["sampler"]["steps"] / len(levels)))
+        ode_grid = euler_sigmas(every * len(levels), recipe["shift"])
+    elif distilling:   # the student's latent space is its own: the VAE comes with the model being distilled
         score_ckpt = load_checkpoint(args.score)
         vae = distilled_vae(init if init is not None else load_checkpoint(latest_checkpoint(args.out)), score_ckpt)
         vae = vae.to(device) if vae else None
@@ -406,11 +417,12 @@ def train(args, init: dict | None = None):
     workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
     data = batches(cfg, args.batch // world_size, args.seed * 1000 + rank, folder, workers, step, pixels)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" or recipe["bf16"])
-    sampler = dict(steps=len(distiller.cfg.levels), cfg=1.0) if distilling else recipe["sampler"]
+    few = distiller.cfg.levels if distilling else levels if ode else None   # a few-step model's levels
+    sampler = dict(steps=len(few), cfg=1.0) if few else recipe["sampler"]
     extra = {"shift": recipe["shift"], "sampler": sampler, "args": settings(args)}
     if vae:
         extra["vae"] = vae_state(vae)
-    loss_fn = None if distilling else LOSSES[args.method]
+    loss_fn = LOSSES.get(args.method)
     if args.method == "resampling":
         rs = ResamplingConfig(args.resample_mode, args.resample_shift, args.resample_steps, args.resample_warmup)
         loss_fn = functools.partial(resampling_loss, cfg=rs, resampler=model)
@@ -438,7 +450,10 @@ def train(args, init: dict | None = None):
                     with torch.no_grad():
                         x = vae.encode(x).float()   # (B, F, latent, h, w)
                 warming_up = args.method == "resampling" and step < rs.warmup   # teacher forcing first
-                loss = (teacher_loss if warming_up else loss_fn)(net, x, tokens, recipe["shift"])
+                if ode:
+                    loss = ode_loss(net, x, tokens, teacher, ode_grid, every, teacher_ckpt["sampler"]["cfg"])
+                else:
+                    loss = (teacher_loss if warming_up else loss_fn)(net, x, tokens, recipe["shift"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -473,9 +488,8 @@ def train(args, init: dict | None = None):
     if master and args.method != "bidirectional" and pixels is not None:   # a clip model does not stream
         path = os.path.join(args.out, "samples.png")
         print(f"streaming {path} from the EMA model ...", flush=True)
-        kind = "few" if distilling else "euler"
-        sample_strip(ema.eval(), path, SamplerConfig(kind=kind, shift=recipe["shift"], clip=None if vae else 1.0,
-                                                     **({"levels": distiller.cfg.levels} if distilling else {})), vae)
+        sample_strip(ema.eval(), path, SamplerConfig(kind="few" if few else "euler", shift=recipe["shift"],
+                                                     clip=None if vae else 1.0, **({"levels": few} if few else {})), vae)
         print(f"wrote {path}")
     if ddp:
         dist.barrier()

@@ -116,6 +116,26 @@ def test_distillation_trains_resumes_exactly_and_streams_with_its_schedule(train
         assert schedule in r.stdout and sum(1 for _ in imageio.get_reader(video)) == 16
 
 
+def test_ode_initialisation_trains_resumes_exactly_and_streams_few_step(trained, tmp_path):
+    out = str(tmp_path / "ode")
+    flags = ["--method", "ode", "--tiny", "--steps", "2", "--save-every", "1", "--out", out]
+    r = run("train.py", *flags, "--init", trained)
+    assert r.returncode == 0, r.stderr
+    last = os.path.join(out, "ckpt_0000002.pt")
+    a = torch.load(last, weights_only=True)
+    os.remove(last)   # as if killed after step 1: the teacher comes from the run directory, not from --init
+    r = run("train.py", *flags, "--resume")
+    assert r.returncode == 0, r.stderr
+    b = torch.load(last, weights_only=True)
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    video = str(tmp_path / "ode.mp4")
+    r = run("sample.py", "--ckpt", out, "--seconds", "1", "--out", video)
+    assert r.returncode == 0, r.stderr
+    assert "few x 4 |" in r.stdout and sum(1 for _ in imageio.get_reader(video)) == 16
+    one_line_error(run("train.py", "--method", "ode", "--tiny", "--out", str(tmp_path / "x")), "name the model with --init")
+
+
 def test_distillation_without_a_score_trains_one_first(trained, tmp_path, monkeypatch):
     sys.path.insert(0, ROOT)
     import train

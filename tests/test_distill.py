@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from distill import DMDConfig, critic_loss, dmd_loss, self_rollout
+from distill import DMDConfig, critic_loss, dmd_loss, ode_loss, ode_trajectory, self_rollout
 from flow import SamplerConfig
 from memory import MemoryConfig
 from model import DiT, DiTConfig
@@ -101,3 +101,41 @@ def test_rollout_at_the_last_exit_step_is_what_streaming_makes():
     streamed = torch.cat(list(rollout(model, tokens, cfg.frames, MemoryConfig("full"), sampler,
                                       torch.Generator().manual_seed(3))), dim=1)
     assert torch.allclose(trained, streamed, atol=1e-5)
+
+
+def test_ode_pairs_are_the_teachers_own_stream_from_the_real_history():
+    # Causal Forcing's causal ODE, all chunks at once in the teacher-forcing layout, must be for each chunk exactly
+    # what sample.py's Euler sampler streams from the same noise after the real frames before it were re-cached
+    teacher = tiny(0)
+    randomise_heads(teacher)
+    teacher.eval()
+    c = teacher.cfg
+    x, tokens = clip_and_tokens(c, batch=1)
+    sampler = SamplerConfig(kind="euler", steps=6, cfg=2.5, shift=1.0, clip=None)
+    n = c.frames // c.chunk
+    noise = [torch.randn(1, c.chunk, c.channels, c.height, c.width, generator=torch.Generator().manual_seed(k))
+             for k in range(n)]
+    states, end = ode_trajectory(teacher, x, tokens, sampler.sigmas(), 3, sampler.cfg, noise=torch.cat(noise, 1))
+    assert states.shape == (2, *x.shape) and torch.equal(states[0], torch.cat(noise, 1))
+    for k in range(n):
+        history = x[:, :k * c.chunk] if k else None
+        (streamed,) = rollout(teacher, tokens, c.chunk, MemoryConfig("full"), sampler,
+                              torch.Generator().manual_seed(k), context=history)
+        assert torch.allclose(end[:, k * c.chunk:(k + 1) * c.chunk], streamed, atol=1e-4), k
+
+
+def test_ode_loss_falls_on_a_fixed_batch():
+    teacher, student = tiny(0), tiny(0)
+    randomise_heads(teacher)
+    student.load_state_dict(teacher.state_dict())
+    x, tokens = clip_and_tokens(teacher.cfg)
+    grid = SamplerConfig(kind="euler", steps=4, cfg=3.0, shift=1.0).sigmas()
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = ode_loss(student, x, tokens, teacher, grid, 2, 3.0, torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
