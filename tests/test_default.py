@@ -67,3 +67,15 @@ def test_default_streams_latents_with_the_spread_of_real_ones():
     beyond = lambda x: (x.abs() > 1).float().mean().item()
     assert beyond(real) > 0.2
     assert beyond(z) > 0.5 * beyond(real), (beyond(z), beyond(real))
+
+
+def test_shipped_score_is_a_bidirectional_model_in_the_defaults_latent_space():
+    # what `train.py --method self|rolling --cpu` distils against when no --score is given
+    score = torch.load(train.SCORE_CKPT, weights_only=True)
+    default = torch.load(DEFAULT_CKPT, weights_only=True)
+    assert score["method"] == "bidirectional" and score["step"] == train.SCORE_STEPS["cpu"]
+    assert score["config"] == default["config"]
+    a, b = score["vae"]["state"], default["vae"]["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    args = train.parse(["--method", "self", "--cpu"])
+    assert args.score == train.SCORE_CKPT and args.score_stage is None and args.init == train.DEFAULT_CKPT
