@@ -2,6 +2,7 @@
 Train one forcing method of the block-causal DiT on ToyWorld (or on a folder of your own videos).
 
     python train.py --method resampling --cpu                    # the shipped default model, on a 2-core CPU
+    python train.py --method self --cpu                          # Self Forcing: DMD of the default (score.pt)
     python train.py --method teacher --tiny                      # a smoke run, a couple of minutes
     python train.py --method teacher --small --out runs/teacher  # one GPU
     torchrun --nproc_per_node 4 train.py --method teacher --small
@@ -60,7 +61,7 @@ RECIPE = {    # model preset -> what no flag changes: noise schedule, precision 
     "small": dict(shift=1.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
     "wan":   dict(shift=3.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
 }
-DISTILL = {   # model preset -> self, rolling: DMD's values of the same flags, in place of PRESETS'
+DISTILL = {   # model preset -> ode, self, rolling: the distillations' values of the same flags, in place of PRESETS'
     "tiny":  dict(lr=1e-4, steps=100,  warmup=0, ema=0.99, log_every=10, save_every=50),
     "cpu":   dict(lr=1e-4, steps=500,  warmup=0, ema=0.99, log_every=10, save_every=50),
     "small": dict(lr=2e-5, steps=2000, warmup=0, ema=0.99, log_every=20, save_every=200),
