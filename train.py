@@ -80,7 +80,7 @@ DEFAULT_CKPT, SCORE_CKPT = os.path.join(CHECKPOINTS, "default.pt"), os.path.join
 def preset_defaults(key: str) -> str:
     text = ", ".join(f"{name} {values[key]:g}" for name, values in PRESETS.items())
     if key in DISTILL["cpu"]:
-        text += "; self, rolling: " + ", ".join(f"{name} {values[key]:g}" for name, values in DISTILL.items())
+        text += "; ode, self, rolling: " + ", ".join(f"{name} {values[key]:g}" for name, values in DISTILL.items())
     return text
 
 
