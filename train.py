@@ -44,6 +44,8 @@ from model import DiT, DiTConfig, pick_device
 from rollout import rollout
 from vae import VAEConfig, VAETraining, load_vae, train_vae, vae_state
 
+TRAINED = METHODS + (ODE,) + DISTILLED   # every --method train.py runs
+
 # ---- defaults: one block, every value is a flag below ------------------------------------------------------
 PRESETS = {   # model preset -> training hyper-parameters
     "tiny":  dict(batch=8,  lr=1e-3, steps=300,   warmup=20,   ema=0.99,  log_every=20,  save_every=100),
@@ -86,7 +88,7 @@ def preset_defaults(key: str) -> str:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--method", default="teacher", help=f"training recipe: {', '.join(METHODS + (ODE,) + DISTILLED)}")
+    p.add_argument("--method", default="teacher", help=f"training recipe: {', '.join(TRAINED)}")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tiny", dest="preset", action="store_const", const="tiny", help="tiny model (CPU, tests)")
     size.add_argument("--cpu", dest="preset", action="store_const", const="cpu",
@@ -138,7 +140,7 @@ def parse(argv=None):
         args.preset = "small" if torch.cuda.is_available() else "cpu"
         if args.preset == "cpu":
             args.preset_note = "no size flag and no GPU here: training the --cpu recipe (--small is the one-GPU preset)"
-    preset = {**PRESETS[args.preset], **(DISTILL[args.preset] if args.method in (ODE,) + DISTILLED else {})}
+    preset = {**PRESETS[args.preset], **(DISTILL[args.preset] if args.method in (ODE, *DISTILLED) else {})}
     for k, v in preset.items():   # flags left unset take the preset's value
         if vars(args)[k] is None:
             setattr(args, k, v)
@@ -158,8 +160,8 @@ def parse(argv=None):
 
 def check(args) -> dict | None:
     """Refuse bad input with one line, before anything is built or written. Returns the --init checkpoint."""
-    if args.method not in METHODS + (ODE,) + DISTILLED:
-        built = ", ".join(METHODS + (ODE,) + DISTILLED)
+    if args.method not in TRAINED:
+        built = ", ".join(TRAINED)
         if args.method in PLANNED:
             raise SystemExit(f"train.py: error: --method {args.method} is not built yet (available: {built})")
         raise SystemExit(f"train.py: error: unknown --method {args.method!r} (available: {built})")
