@@ -185,15 +185,16 @@ BETAS = (0.0, 0.999)   # Adam without momentum for both, as the reference: the c
 
 
 def few_step_levels(method: str, cfg) -> tuple:
-    """The student's few-step levels: Self Forcing's four; for rolling as many (at most four) as leave room for a
+    """The student's few-step levels: Self Forcing's four (also Context Forcing's); for rolling as many (at most four) as leave room for a
     chunk of sink and a chunk of history beside the window of W chunks within the model's trained frames."""
-    W = 4 if method == "self" else max(1, min(4, cfg.frames // cfg.chunk - 2))
+    W = max(1, min(4, cfg.frames // cfg.chunk - 2)) if method == "rolling" else 4
     return tuple(1 - i / W for i in range(W))
 
 
 def student_rollout(method: str, model, tokens, n_frames: int, cfg: DMDConfig, generator=None):
     """One training rollout of the student, its graded exit step (or window) drawn here: Self Forcing's rollout,
     or for rolling, Rolling Forcing's with probability ROLLING_SHARE. Full memory: the rollout is one clip."""
+    assert method in DISTILLED, method
     exit_step = int(torch.randint(len(cfg.levels), (1,), generator=generator))
     memory = MemoryConfig("full")
     if method == "rolling" and float(torch.rand(1, generator=generator)) < ROLLING_SHARE:
@@ -209,7 +210,6 @@ class Distiller:
     """
 
     def __init__(self, method: str, score, critic, cfg: DMDConfig, lr: float):
-        assert method in DISTILLED, method
         self.method, self.cfg = method, cfg
         self.score = score.eval().requires_grad_(False)
         self.critic = critic.train().requires_grad_(True)
@@ -221,12 +221,11 @@ class Distiller:
         for group in self.opt.param_groups:
             group["lr"] = CRITIC_LR * lr
         losses = []
-        n = self.critic.cfg.frames
         for _ in range(self.cfg.critic_steps):
             with torch.no_grad(), amp:
-                x = student_rollout(self.method, student, tokens, n, self.cfg)
+                samples = self.rollout(student, tokens)
             with amp:
-                loss = critic_loss(self.critic, x, tokens, self.cfg)
+                loss = self.critic_loss(samples, tokens)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), grad_clip)
@@ -235,8 +234,18 @@ class Distiller:
         return sum(losses) / len(losses)
 
     def student_loss(self, student, tokens):
-        """The DMD loss of one graded rollout of the student (the clip length of the score)."""
-        x = student_rollout(self.method, student, tokens, self.score.cfg.frames, self.cfg)
+        """The DMD loss of one graded rollout of the student."""
+        return self.dmd_loss(self.rollout(student, tokens), tokens)
+
+    # what a rollout is and how it is graded: Self and Rolling Forcing's; Context Forcing's in context.py
+    def rollout(self, student, tokens):
+        """One rollout of the score's clip length."""
+        return student_rollout(self.method, student, tokens, self.score.cfg.frames, self.cfg)
+
+    def critic_loss(self, x, tokens):
+        return critic_loss(self.critic, x, tokens, self.cfg)
+
+    def dmd_loss(self, x, tokens):
         return dmd_loss(x, tokens, self.score, self.critic, self.cfg)[0]
 
     def state_dict(self) -> dict:

@@ -17,9 +17,14 @@ assigned when the cache is read, so each policy is a few lines:
            cosine similarity of its key descriptor to its predecessor's is below `tau`; slow memory drops its
            oldest frame when full. Redundant frames (a still scene) are dropped, so the same bytes cover a
            longer past. Decisions Context Forcing leaves open, taken here: the descriptor of a frame is its
-           pre-RoPE keys averaged over its tokens, per layer, concatenated over layers; promotion is per frame;
-           the similarity is the mean over the batch's streams (they share one layout); the predecessor of a
-           frame is the frame just before it in the stream; the kept frames sit in time order.
+           pre-RoPE keys, every token's key minus the frame's mean key, over all layers (the mean key alone
+           is almost the same for every frame: consecutive frames of the shipped models have cosine > 0.998,
+           so at tau 0.95 nothing would ever be promoted; what is left after centring is the layout of the
+           frame, which changes when something appears, moves or leaves); promotion is per frame; the
+           similarity is the mean over the batch's streams (they share one layout); the predecessor of a
+           frame is the frame just before it in the stream; the kept frames sit in time order. Descriptors
+           are read from the cached keys when a frame leaves the fast FIFO, so slowfast stores only one more:
+           the last frame that left, which its successor compares with.
 
 Bounded positions (window, sink, slowfast): the kept frames are re-indexed to contiguous positions 0..n-1 and the
 current chunk follows them, so the largest position ever used is sink + window + chunk - 1 however long the
@@ -60,10 +65,22 @@ class MemoryConfig:
                              f"{chunk} frames exceeds the {trained_frames} frames the model was trained on")
 
 
-def describe(kvs: list, n: int) -> torch.Tensor:
-    """Key descriptors (B, n, depth * H * hd) of n frames from their per-layer (k, v), each (B, n*L, H, hd): the
-    pre-RoPE keys averaged over each frame's tokens, concatenated over layers."""
-    return torch.cat([k.detach().unflatten(1, (n, -1)).float().mean(2).flatten(2) for k, _ in kvs], dim=-1)
+def filling(policy: str, frames: int, chunk: int, query: int, sink: int | None = None, window: int | None = None,
+            slow: int | None = None, tau: float = 0.95) -> MemoryConfig:
+    """A memory whose unset sizes fill the model's trained range (`frames`) beside a call of `query` frames: the
+    sink one chunk (sink, slowfast); window the rest (window, sink) or one chunk (slowfast, whose slow memory
+    takes the rest). So every bounded policy holds the same number of frames: equal cache bytes."""
+    sink = chunk if sink is None else sink
+    history = frames - query - (sink if policy in ("sink", "slowfast") else 0)
+    window = window if window is not None else (chunk if policy == "slowfast" else history)
+    slow = slow if slow is not None else max(0, history - window)
+    return MemoryConfig(policy=policy, window=window, sink=sink, slow=slow, tau=tau)
+
+
+def describe(keys: list) -> torch.Tensor:
+    """Key descriptor (B, depth * L * H * hd) of one frame from its pre-RoPE keys, one (B, L, H, hd) per layer:
+    each token's key minus the frame's mean key, concatenated over layers."""
+    return torch.cat([(k.float() - k.float().mean(1, keepdim=True)).flatten(1) for k in keys], dim=-1)
 
 
 class KVCache:
@@ -78,7 +95,7 @@ class KVCache:
         self.frames = []               # absolute index of each cached frame, oldest first
         self.next_frame = 0            # absolute index of the next frame the stream will produce
         self.slow = []                 # slowfast: the frames of slow memory (absolute indices)
-        self.descriptors = {}          # slowfast: frame -> key descriptor (B, depth * H * hd), of the frames kept
+        self.last_left = None          # slowfast: (frame, descriptor) of the last frame that left the cache
         self.promoted = 0              # slowfast: frames promoted to slow memory so far
 
     def __len__(self):
@@ -110,10 +127,7 @@ class KVCache:
             k, v = k.detach().unflatten(1, (n, -1)), v.detach().unflatten(1, (n, -1))   # (B, n, L, H, hd)
             self.k[i] = k if self.k[i] is None else torch.cat([self.k[i], k], dim=1)
             self.v[i] = v if self.v[i] is None else torch.cat([self.v[i], v], dim=1)
-        new = range(self.next_frame, self.next_frame + n)
-        if self.cfg.policy == "slowfast":
-            self.descriptors.update(zip(new, describe(kvs, n).unbind(1)))
-        self.frames += new
+        self.frames += range(self.next_frame, self.next_frame + n)
         self.next_frame += n
         self._evict()
 
@@ -143,19 +157,19 @@ class KVCache:
         cfg, frames = self.cfg, self.frames
         fast = [j for j in range(len(frames)) if j not in sink and frames[j] not in self.slow]
         for j in fast[:max(0, len(fast) - cfg.window)]:   # leaving fast memory, oldest first
-            f = frames[j]
-            d, before = self.descriptors[f], self.descriptors.get(f - 1)
+            f, d = frames[j], self._descriptor(j)
+            before = self._descriptor(frames.index(f - 1)) if f - 1 in frames else \
+                self.last_left[1] if self.last_left and self.last_left[0] == f - 1 else None
             similar = before is not None and torch.cosine_similarity(d, before, dim=-1).mean() >= cfg.tau
             if not similar and cfg.slow > 0:
                 self.slow = (self.slow + [f])[-cfg.slow:]
                 self.promoted += 1
-        keep = sorted(set(sink) | {j for j in range(len(frames)) if frames[j] in self.slow}
+            self.last_left = (f, d)   # (if it was promoted it stays, and the next one finds it in the cache)
+        return sorted(set(sink) | {j for j in range(len(frames)) if frames[j] in self.slow}
                       | set(fast[max(0, len(fast) - cfg.window):]))
-        kept = {frames[j] for j in keep}
-        # a frame's descriptor is kept while the frame is, and one frame longer: the next one to leave compares to it
-        last_left = max((f for f in self.descriptors if f not in kept), default=None)
-        self.descriptors = {f: d for f, d in self.descriptors.items() if f in kept or f == last_left}
-        return keep
+
+    def _descriptor(self, j: int) -> torch.Tensor:
+        return describe([k[:, j] for k in self.k])
 
     def rewrite(self, kvs: list):
         """Replace the keys/values of every kept frame (per layer (B, Fc*L, H, hd), in the cache's frame order), as
@@ -163,8 +177,14 @@ class KVCache:
         n = len(self.frames)
         self.k = [k.detach().unflatten(1, (n, -1)) for k, _ in kvs]
         self.v = [v.detach().unflatten(1, (n, -1)) for _, v in kvs]
-        if self.cfg.policy == "slowfast":
-            self.descriptors.update(zip(self.frames, describe(kvs, n).unbind(1)))
+
+    def snapshot(self) -> "KVCache":
+        """The cache as it stands now, unchanged by later appends (which replace tensors, never write into them)."""
+        view = KVCache(self.cfg, len(self.k))
+        view.k, view.v, view.x, view.frames, view.next_frame = list(self.k), list(self.v), self.x, list(self.frames), \
+            self.next_frame
+        view.slow, view.last_left, view.promoted = list(self.slow), self.last_left, self.promoted
+        return view
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.k, *self.v, self.x] if t is not None)

@@ -54,20 +54,22 @@ def prefill(model, context, text, cache: KVCache, prompt=None):
 
 
 @torch.no_grad()
-def switch_prompt(model, cache: KVCache, text, prompt=None):
-    """A prompt switch (LongLive's KV re-cache): re-encode every frame the cache keeps under the new
-    prompt batch `text`, at the frames' own absolute indices, a chunk at a time, each chunk reading the frames
-    before it as already re-encoded: the cache becomes what it would be had the kept frames been streamed under
-    the new prompt. One extra pass over the kept frames; the frames themselves do not change."""
+def reencode(model, cache: KVCache, text, prompt=None) -> KVCache:
+    """A new cache holding exactly the frames `cache` keeps, at the same positions, with the keys and values
+    `model` gives them under the prompt batch `text`: each kept frame re-encoded a chunk at a time, at its own
+    absolute index, reading the kept frames before it as already re-encoded. The new cache evicts nothing (a
+    reader's copy of a memory, not a stream's). Used by a prompt switch (the same model, a new prompt) and by
+    Context Forcing's contextual DMD (the same memory, read by the score and the critic)."""
     x, frames, chunk = cache.x, list(cache.frames), model.cfg.chunk
-    if x is None:
-        return   # nothing made yet: the new prompt simply starts the stream
-    assert x.shape[0] == text.shape[0], f"the cache holds {x.shape[0]} streams, the prompt batch {text.shape[0]}"
-    # a cache that evicts nothing and places the frames as the stream's does: absolute, or contiguous (bounded)
-    keep_all = MemoryConfig("full") if cache.cfg.policy == "full" else MemoryConfig("window", window=len(frames))
+    # placed as the stream's own: absolute (full), or contiguous (the bounded policies)
+    keep_all = MemoryConfig("full") if cache.cfg.policy == "full" else MemoryConfig("window", window=max(1, len(frames)))
     fresh = KVCache(keep_all, len(cache.k))
+    fresh.next_frame = cache.next_frame
+    if x is None:
+        return fresh
+    assert text.shape[0] % x.shape[0] == 0, f"the cache holds {x.shape[0]} streams, the prompt batch {text.shape[0]}"
     start = 0
-    while start < len(frames):   # runs of consecutive frames (the sink and the window), at most a chunk each
+    while start < len(frames):   # runs of consecutive frames (the sink, slow frames, the window), a chunk at most
         end = start + 1
         while end < len(frames) and end - start < chunk and frames[end] == frames[end - 1] + 1:
             end += 1
@@ -75,6 +77,18 @@ def switch_prompt(model, cache: KVCache, text, prompt=None):
         recache(model, x[:, start:end], text, fresh, prompt)
         start = end
     assert fresh.frames == frames, "re-encoding must keep exactly the cached frames"
+    fresh.next_frame = cache.next_frame
+    return fresh
+
+
+def switch_prompt(model, cache: KVCache, text, prompt=None):
+    """A prompt switch (LongLive's KV re-cache): every frame the cache keeps re-encoded under the new prompt
+    batch `text` (reencode): the cache becomes what it would be had the kept frames been streamed under the new
+    prompt. One extra pass over the kept frames; the frames themselves do not change."""
+    if cache.x is None:
+        return   # nothing made yet: the new prompt simply starts the stream
+    assert cache.x.shape[0] == text.shape[0], f"the cache holds {cache.x.shape[0]} streams, the prompt batch {text.shape[0]}"
+    fresh = reencode(model, cache, text, prompt)
     cache.rewrite([fresh.kv(i) for i in range(len(fresh.k))])
 
 

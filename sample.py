@@ -22,7 +22,7 @@ from tqdm import tqdm
 from data import VOCAB, ToyWorld, WorldConfig, to_float, to_uint8, tokenize, unknown_words
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from flow import SamplerConfig
-from memory import POLICIES, KVCache, MemoryConfig
+from memory import POLICIES, KVCache, filling
 from model import pick_device
 from rollout import rolling_rollout, rollout
 from vae import load_vae
@@ -31,8 +31,9 @@ from vae import load_vae
 DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "default.pt")
 SECONDS = 10.0
 FPS = 16            # ToyWorld's world time runs at 16 frames per second
-MEMORY = "sink"
-SAMPLER = {"teacher": "euler", "diffusion": "euler", "resampling": "euler", "ode": "few", "self": "few", "rolling": "few"}
+MEMORY = {"context": "slowfast"}   # a method's own memory policy; every other streams with "sink"
+SAMPLER = {"teacher": "euler", "diffusion": "euler", "resampling": "euler", "context-teacher": "euler", "ode": "few",
+           "self": "few", "rolling": "few", "context": "few"}
 STEPS = {"euler": 16, "few": 4}   # denoising calls per chunk, unless the checkpoint names its own (see train.RECIPE)
 CFG = 3.0           # classifier-free guidance scale, likewise
 SCALE = 4           # nearest-neighbour upscaling of the written frames, so 32x32 frames are watchable
@@ -44,7 +45,8 @@ def add_args(p, prompt=True):
     p.add_argument("--seconds", type=float, default=None, help=f"length of the video (default {SECONDS:g})")
     p.add_argument("--minutes", type=float, default=None, help="length of the video in minutes")
     p.add_argument("--fps", type=int, default=FPS, help="frames per second of the video")
-    p.add_argument("--memory", default=MEMORY, help=f"KV cache policy: {', '.join(POLICIES)}")
+    p.add_argument("--memory", default=None, help=f"KV cache policy: {', '.join(POLICIES)} (default: slowfast for a "
+                   "context model, else sink)")
     p.add_argument("--window", type=int, default=None, help="recent frames kept (default: fill the trained range)")
     p.add_argument("--sink", type=int, default=None, help="sink frames kept for good (default: one chunk)")
     p.add_argument("--slow", type=int, default=None,
@@ -125,20 +127,16 @@ class Stream:
                                      levels=tuple(1 - i / steps for i in range(steps)),
                                      clip=None if self.vae else 1.0)
         self.schedule = args.schedule or ("rolling" if ckpt["method"] == "rolling" else "chunked")
+        policy = args.memory or MEMORY.get(ckpt["method"], "sink")
         query = cfg.chunk   # frames a denoising call makes: one chunk, or the rolling window of `steps` chunks
         if self.schedule == "rolling":
             if kind != "few":
                 fail("--schedule rolling runs the few-step levels of a distilled model: add --sampler few")
             query = steps * cfg.chunk
-            if query + (cfg.chunk if args.memory in ("sink", "slowfast") else 0) >= cfg.frames:
+            if query + (cfg.chunk if policy in ("sink", "slowfast") else 0) >= cfg.frames:
                 fail(f"a rolling window of {steps} chunks ({query} frames) leaves no history in the {cfg.frames} "
                      f"frames the model was trained on: use fewer --steps")
-        # defaults fill the trained range: sink one chunk; slowfast: a fast FIFO of one chunk, the rest slow
-        sink = cfg.chunk if args.sink is None else args.sink
-        history = cfg.frames - query - (sink if args.memory in ("sink", "slowfast") else 0)
-        window = args.window if args.window is not None else (cfg.chunk if args.memory == "slowfast" else history)
-        slow = args.slow if args.slow is not None else max(0, history - window)
-        self.memory = MemoryConfig(policy=args.memory, window=window, sink=sink, slow=slow, tau=args.tau)
+        self.memory = filling(policy, cfg.frames, cfg.chunk, query, args.sink, args.window, args.slow, args.tau)
         try:
             self.memory.check(query, cfg.frames)
         except ValueError as e:

@@ -37,14 +37,18 @@ from checkpoint import (CheckpointError, check_resume, check_same_model, export_
                         load_checkpoint, lock_run_directory, model_from_checkpoint, prune_checkpoints, restore_rng,
                         rng_states, save_checkpoint)
 from flow import SamplerConfig, euler_sigmas
+from context import CONTEXT, CONTEXT_TEACHER, ContextConfig, ContextDistiller, ErrorBank, context_memory
+from context import teacher_loss as context_teacher_loss
 from distill import BETAS, DISTILLED, ODE, DMDConfig, Distiller, few_step_levels, ode_loss
-from forcing import LOSSES, METHODS, PLANNED, ResamplingConfig, resampling_loss, teacher_loss
+from forcing import LOSSES, METHODS, ResamplingConfig, resampling_loss, teacher_loss
 from memory import MemoryConfig
 from model import DiT, DiTConfig, pick_device
 from rollout import rollout
 from vae import VAEConfig, VAETraining, load_vae, train_vae, vae_state
 
-TRAINED = METHODS + (ODE,) + DISTILLED   # every --method train.py runs
+DMD = DISTILLED + (CONTEXT,)             # the methods that train by DMD (a score and a critic)
+FINE_TUNED = (ODE, CONTEXT_TEACHER) + DMD   # the methods that start from a trained causal model (--init)
+TRAINED = METHODS + FINE_TUNED             # every --method train.py runs
 
 # ---- defaults: one block, every value is a flag below ------------------------------------------------------
 PRESETS = {   # model preset -> training hyper-parameters
@@ -63,7 +67,7 @@ RECIPE = {    # model preset -> what no flag changes: noise schedule, precision 
     "small": dict(shift=1.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
     "wan":   dict(shift=3.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
 }
-DISTILL = {   # model preset -> ode, self, rolling: the distillations' values of the same flags, in place of PRESETS'
+DISTILL = {   # model preset -> the fine-tunes' (FINE_TUNED) values of the same flags, in place of PRESETS'
     "tiny":  dict(lr=1e-4, steps=100,  warmup=0, ema=0.99, log_every=10, save_every=50),
     "cpu":   dict(lr=1e-4, steps=500,  warmup=0, ema=0.99, log_every=10, save_every=50),
     "small": dict(lr=2e-5, steps=2000, warmup=0, ema=0.99, log_every=20, save_every=200),
@@ -71,6 +75,12 @@ DISTILL = {   # model preset -> ode, self, rolling: the distillations' values of
 }
 # self, rolling with no score given: the score stage fine-tunes the causal student into the bidirectional score
 SCORE_STEPS = {"tiny": 100, "cpu": 1500, "small": 5000, "wan": 1000}
+CONTEXT_RECIPE = {   # model preset -> Context Forcing: steps of the teacher and of CDMD, its clips and rollouts (frames)
+    "tiny":  dict(teacher_steps=100,  steps=100,  clip=16, long=16),
+    "cpu":   dict(teacher_steps=300,  steps=150,  clip=32, long=32),
+    "small": dict(teacher_steps=2000, steps=1000, clip=48, long=48),
+    "wan":   dict(teacher_steps=600,  steps=600,  clip=84, long=84),
+}
 LR_FLOOR = 0.1       # the learning rate decays from its peak to LR_FLOOR x peak over the run (cosine)
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
@@ -82,7 +92,10 @@ DEFAULT_CKPT, SCORE_CKPT = os.path.join(CHECKPOINTS, "default.pt"), os.path.join
 def preset_defaults(key: str) -> str:
     text = ", ".join(f"{name} {values[key]:g}" for name, values in PRESETS.items())
     if key in DISTILL["cpu"]:
-        text += "; ode, self, rolling: " + ", ".join(f"{name} {values[key]:g}" for name, values in DISTILL.items())
+        text += f"; {', '.join(FINE_TUNED)}: " + ", ".join(f"{name} {values[key]:g}" for name, values in DISTILL.items())
+    if key == "steps":
+        text += "; except context-teacher " + ", ".join(f"{n} {v['teacher_steps']}" for n, v in CONTEXT_RECIPE.items()) \
+            + ", context " + ", ".join(f"{n} {v['steps']}" for n, v in CONTEXT_RECIPE.items())
     return text
 
 
@@ -108,11 +121,15 @@ def parse(argv=None):
                    help=f"EMA decay of the sampled weights (default: {preset_defaults('ema')})")
     p.add_argument("--out", default=None, help="run directory for checkpoints (default: runs/<method>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--init", default=None, help="start from this checkpoint's EMA weights (self, rolling: the causal "
-                   "student; default with --cpu: the shipped checkpoints/default.pt)")
+    p.add_argument("--init", default=None, help="start from this checkpoint's EMA weights (self, rolling, ode, "
+                   "context-teacher: the causal model, default with --cpu the shipped checkpoints/default.pt; "
+                   "context: a self-forcing student, default one trained first into OUT/self from --base)")
     p.add_argument("--score", default=None, help="self, rolling: DMD's frozen score, a --method bidirectional model "
                    f"of the same preset (default: with --cpu {os.path.relpath(SCORE_CKPT)} if shipped, else one "
-                   "trained first into OUT/score)")
+                   "trained first into OUT/score); context: the long-context teacher, a --method context-teacher "
+                   "model (default: one trained first into OUT/teacher from --base)")
+    p.add_argument("--base", default=None, help="context: the causal model the teacher and the self-forcing stage "
+                   "start from when they are trained first (default with --cpu: checkpoints/default.pt)")
     p.add_argument("--vae", default=None,
                    help="trained frame VAE of a latent preset: a vae.pt, or a latent model whose VAE to share "
                         "(default: train one into OUT/vae first)")
@@ -140,31 +157,46 @@ def parse(argv=None):
         args.preset = "small" if torch.cuda.is_available() else "cpu"
         if args.preset == "cpu":
             args.preset_note = "no size flag and no GPU here: training the --cpu recipe (--small is the one-GPU preset)"
-    preset = {**PRESETS[args.preset], **(DISTILL[args.preset] if args.method in (ODE, *DISTILLED) else {})}
+    preset = {**PRESETS[args.preset], **(DISTILL[args.preset] if args.method in FINE_TUNED else {})}
+    if args.method in (CONTEXT_TEACHER, CONTEXT):
+        preset["steps"] = CONTEXT_RECIPE[args.preset]["teacher_steps" if args.method == CONTEXT_TEACHER else "steps"]
     for k, v in preset.items():   # flags left unset take the preset's value
         if vars(args)[k] is None:
             setattr(args, k, v)
     if args.resample_warmup is None:            # resolved now, so it is stored with the run and never drifts
         args.resample_warmup = args.steps // 10
     args.out = args.out or os.path.join("runs", f"{args.method}-{args.preset}")
-    args.score_stage = None   # a folder to train the missing DMD score into first
-    if args.method in DISTILLED and args.score is None:   # the shipped models (--cpu), else trained first
-        shipped = args.preset == "cpu" and os.path.exists(SCORE_CKPT)
-        args.score = SCORE_CKPT if shipped else os.path.join(args.out, "score", "model.pt")
-        if not os.path.exists(args.score):
-            args.score_stage = os.path.dirname(args.score)
-    if args.method in DISTILLED and args.preset == "cpu" and args.init is None and not args.resume:
-        args.init = DEFAULT_CKPT
+    args.stages = []   # (what, out, argv) of earlier stages to train first, in order: the models this run needs
+    shipped = DEFAULT_CKPT if args.preset == "cpu" else None
+    if args.method in (*DISTILLED, ODE, CONTEXT_TEACHER) and args.init is None and not args.resume:
+        args.init = shipped
+    if args.method in DISTILLED and args.score is None:   # the shipped score (--cpu), else trained first
+        args.score = SCORE_CKPT if shipped and os.path.exists(SCORE_CKPT) else os.path.join(args.out, "score", "model.pt")
+        if not os.path.exists(args.score) and args.init:
+            student = load_checkpoint(args.init)
+            args.stages.append(("stage 0: DMD's score, the student fine-tuned into a bidirectional model",
+                                os.path.dirname(args.score), ["--method", "bidirectional", "--steps",
+                                str(SCORE_STEPS[args.preset]), "--init", args.init]))
+    if args.method == CONTEXT:   # the teacher and the stage-1 student, trained first from --base if not given
+        args.base = args.base or shipped
+        teacher, student = (os.path.join(args.out, part, "model.pt") for part in ("teacher", "self"))
+        if args.score is None and (os.path.exists(teacher) or args.base):
+            args.score = teacher
+            if not os.path.exists(teacher):
+                args.stages.append(("stage 0: the long-context teacher, the base model taught through slow/fast memory",
+                                    os.path.dirname(teacher), ["--method", CONTEXT_TEACHER, "--init", args.base]))
+        if args.init is None and not args.resume and (os.path.exists(student) or args.base):
+            args.init = student
+            if not os.path.exists(student):
+                args.stages.append(("stage 1: Self Forcing on short windows, from the base model",
+                                    os.path.dirname(student), ["--method", "self", "--init", args.base]))
     return args
 
 
 def check(args) -> dict | None:
     """Refuse bad input with one line, before anything is built or written. Returns the --init checkpoint."""
     if args.method not in TRAINED:
-        built = ", ".join(TRAINED)
-        if args.method in PLANNED:
-            raise SystemExit(f"train.py: error: --method {args.method} is not built yet (available: {built})")
-        raise SystemExit(f"train.py: error: unknown --method {args.method!r} (available: {built})")
+        raise SystemExit(f"train.py: error: unknown --method {args.method!r} (available: {', '.join(TRAINED)})")
     if min(args.steps, args.batch, args.log_every, args.save_every) < 1 or args.lr <= 0 or args.warmup < 0:
         raise SystemExit("train.py: error: --steps, --batch, --lr, --log-every and --save-every must be positive")
     cfg = DiTConfig.preset(args.preset)
@@ -198,11 +230,11 @@ def check(args) -> dict | None:
         raise SystemExit(f"train.py: error: --vae {args.vae} is not a file (a vae.pt written by vae.py or train.py)")
     if args.vae and cfg.channels == 3:
         raise SystemExit(f"train.py: error: --vae is for a latent preset (--cpu); --{args.preset} models pixels")
-    if args.method in DISTILLED:
+    if args.method in DMD:
         check_distillation(args, cfg)
-    if args.method == ODE and not args.resume and not args.init:
-        raise SystemExit("train.py: error: --method ode distils a causal model's sampler: name the model with --init")
-    if not args.init:
+    if args.method in (ODE, CONTEXT_TEACHER) and not args.resume and not args.init:
+        raise SystemExit(f"train.py: error: --method {args.method} fine-tunes a causal model: name it with --init")
+    if not args.init or args.stages:   # (an --init still to be trained is loaded after its stage)
         return None
     try:
         init = load_checkpoint(args.init)
@@ -213,27 +245,33 @@ def check(args) -> dict | None:
 
 
 def check_distillation(args, cfg: DiTConfig):
-    """self, rolling: a causal --init (unless resuming) and a bidirectional --score of this size (unless it is
-    to be trained first)."""
+    """self, rolling, context: a student --init (unless resuming) and a --score of this size and the right kind
+    (unless they are to be trained first)."""
     if not args.resume and not args.init:
-        raise SystemExit(f"train.py: error: --method {args.method} distils a causal model: name it with --init")
+        hint = "name it with --init" + (" or the model to train it from with --base" if args.method == CONTEXT else "")
+        raise SystemExit(f"train.py: error: --method {args.method} distils a causal model: {hint}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit(f"train.py: error: --method {args.method} runs in one process (no torchrun yet)")
-    if args.score_stage:
-        return   # trained first, by train_score
+    if args.score is None:
+        raise SystemExit("train.py: error: --method context needs its long-context teacher: name it with --score, or "
+                         "the model to train it from with --base")
+    if any(args.score == os.path.join(out, "model.pt") for _, out, _ in args.stages):
+        return   # trained first
     try:
         score = load_checkpoint(args.score)
         check_same_model(score, cfg)
     except CheckpointError as e:
         raise SystemExit(f"train.py: error: --score: {e}")
-    if score["method"] != "bidirectional":
-        raise SystemExit(f"train.py: error: --score {args.score} is a {score['method']} model; DMD's score is a "
-                         f"bidirectional clip model (--method bidirectional)")
+    kind = CONTEXT_TEACHER if args.method == CONTEXT else "bidirectional"
+    if score["method"] != kind:
+        what = ("Context Forcing's score is the long-context teacher (--method context-teacher)" if kind != "bidirectional"
+                else "DMD's score is a bidirectional clip model (--method bidirectional)")
+        raise SystemExit(f"train.py: error: --score {args.score} is a {score['method']} model; {what}")
 
 def settings(args) -> dict:
     """What defines a run: every flag that changes the trained weights (not where or how often it reports)."""
-    skip = ("out", "resume", "init", "vae", "log_every", "save_every", "workers", "device", "preset_note",
-            "score_stage")
+    skip = ("out", "resume", "init", "vae", "base", "log_every", "save_every", "workers", "device", "preset_note",
+            "stages")
     return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 
@@ -242,9 +280,11 @@ class Clips(torch.utils.data.IterableDataset):
     """An endless stream of (video, prompt tokens) training batches, from ToyWorld or a video folder."""
 
     def __init__(self, cfg: DiTConfig, batch: int, seed: int, folder: VideoFolder | None, start: int,
-                 pixels: int | None):
-        """pixels: the frame size to render (a latent model's frames are encoded later); None: random latents."""
+                 pixels: int | None, frames: int):
+        """pixels: the frame size to render (a latent model's frames are encoded later); None: random latents.
+        frames: the clip length."""
         self.cfg, self.batch, self.seed, self.folder, self.start, self.pixels = cfg, batch, seed, folder, start, pixels
+        self.frames = frames
 
     def __iter__(self):
         # batch i is drawn from its own seed [seed, i], and worker w of n makes batches w, w+n, ... which the
@@ -259,16 +299,16 @@ class Clips(torch.utils.data.IterableDataset):
             if self.folder is not None:
                 x, captions = self.folder.sample(rng, self.batch)
             elif latents:
-                x = rng.standard_normal((self.batch, c.frames, c.channels, c.height, c.width), dtype=np.float32)
+                x = rng.standard_normal((self.batch, self.frames, c.channels, c.height, c.width), dtype=np.float32)
                 captions = [""] * self.batch
             else:
-                x, captions = sample_clips(rng, self.batch, self.cfg.frames, world)
+                x, captions = sample_clips(rng, self.batch, self.frames, world)
             yield torch.from_numpy(x), torch.from_numpy(tokenize(captions, self.cfg.text_len))
 
 
-def batches(cfg, batch, seed, folder, workers, start, pixels):
+def batches(cfg, batch, seed, folder, workers, start, pixels, frames):
     # its own generator: the loader must not draw from the global RNG that the losses' noise comes from
-    loader = torch.utils.data.DataLoader(Clips(cfg, batch, seed, folder, start, pixels), batch_size=None,
+    loader = torch.utils.data.DataLoader(Clips(cfg, batch, seed, folder, start, pixels, frames), batch_size=None,
                                          num_workers=workers,
                                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                                          generator=torch.Generator())
@@ -314,8 +354,13 @@ def distilled_vae(student: dict, score: dict):
     return load_vae(student["vae"])
 
 
-def frame_vae(args, steps: int, ddp: bool):
-    """The frame VAE of a latent preset: --vae, or the one this run trained into OUT/vae (trained now if missing)."""
+def frame_vae(args, steps: int, ddp: bool, init: dict | None):
+    """The frame VAE of a latent preset: --vae, the --init model's (or, resuming, the run's own), or the one this run
+    trained into OUT/vae (trained now if missing)."""
+    found = init if init is not None else load_checkpoint(latest_checkpoint(args.out)) if args.resume and \
+        latest_checkpoint(args.out) else None
+    if not args.vae and found is not None and "vae" in found:
+        return load_vae(found["vae"])
     if args.vae:
         try:
             state = torch.load(args.vae, map_location="cpu", weights_only=True)
@@ -366,7 +411,9 @@ def train(args, init: dict | None = None):
     cfg = DiTConfig.preset(args.preset)
     cfg.topk, cfg.route_sink = args.topk, args.route_sink
     recipe = RECIPE[args.preset]
-    vae, distilling, ode = None, args.method in DISTILLED, args.method == ODE
+    vae, distilling, ode = None, args.method in DMD, args.method == ODE
+    ctx = ContextConfig(clip=CONTEXT_RECIPE[args.preset]["clip"], long=CONTEXT_RECIPE[args.preset]["long"])
+    frames = ctx.clip if args.method == CONTEXT_TEACHER else cfg.frames   # the teacher trains on long clips
     if ode:   # the teacher: --init, kept in the run directory so that --resume regresses the same one
         if init is not None:
             export_model(os.path.join(args.out, "teacher.pt"), init)
@@ -381,14 +428,14 @@ def train(args, init: dict | None = None):
         vae = distilled_vae(init if init is not None else load_checkpoint(latest_checkpoint(args.out)), score_ckpt)
         vae = vae.to(device) if vae else None
     elif args.vae or recipe["vae_steps"]:   # a latent model: its frame VAE first (trained here unless given)
-        vae = frame_vae(args, recipe["vae_steps"], ddp).to(device)
+        vae = frame_vae(args, recipe["vae_steps"], ddp, init).to(device)
         if vae.cfg.latent != cfg.channels:
             raise SystemExit(f"train.py: error: the VAE has {vae.cfg.latent} latent channels, --{args.preset} "
                              f"models {cfg.channels}")
     pixels = cfg.height * vae.factor if vae else (cfg.height if cfg.channels == 3 else None)
     if args.data and pixels is None:
         raise SystemExit(f"train.py: error: --data needs an RGB or VAE model; --{args.preset} models random latents")
-    folder = VideoFolder(args.data, size=pixels, frames=cfg.frames) if args.data else None
+    folder = VideoFolder(args.data, size=pixels, frames=frames) if args.data else None
     torch.manual_seed(args.seed)   # identical initial weights on every rank
     model = DiT(cfg).to(device)
     if init is not None:
@@ -398,9 +445,11 @@ def train(args, init: dict | None = None):
                             weight_decay=WEIGHT_DECAY)
     distiller = None
     if distilling:   # the critic starts as the score: the closest model to the student's samples there is
-        distiller = Distiller(args.method, model_from_checkpoint(score_ckpt).to(device),
-                              model_from_checkpoint(score_ckpt).to(device),
-                              DMDConfig(levels=few_step_levels(args.method, cfg), shift=recipe["shift"]), args.lr)
+        score, critic = (model_from_checkpoint(score_ckpt).float().to(device) for _ in range(2))
+        dmd = DMDConfig(levels=few_step_levels(args.method, cfg), shift=recipe["shift"])
+        distiller = ContextDistiller(score, critic, dmd, args.lr, ctx) if args.method == CONTEXT else \
+            Distiller(args.method, score, critic, dmd, args.lr)
+    bank = ErrorBank(ctx) if args.method == CONTEXT_TEACHER else None   # the teacher's error recycling
     torch.manual_seed(rank_seed(args.seed, rank))   # from here on, the noise of the losses: its own per rank
     step = 0
     if args.resume and latest_checkpoint(args.out):   # (a run stopped in stage 1 has none yet: the DiT starts)
@@ -411,6 +460,8 @@ def train(args, init: dict | None = None):
         opt.load_state_dict(ckpt["optimizer"])
         if distiller:
             distiller.load_state_dict(ckpt)
+        if bank:
+            bank.load_state_dict(ckpt["bank"])
         restore_rng(ckpt["rng"][rank], device)
         step = ckpt["step"]
         if master:
@@ -418,7 +469,7 @@ def train(args, init: dict | None = None):
     net = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None) if ddp else model
     net.cfg = cfg   # the losses read the chunk size from model.cfg, also through the DDP wrapper
     workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
-    data = batches(cfg, args.batch // world_size, args.seed * 1000 + rank, folder, workers, step, pixels)
+    data = batches(cfg, args.batch // world_size, args.seed * 1000 + rank, folder, workers, step, pixels, frames)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" or recipe["bf16"])
     few = distiller.cfg.levels if distilling else levels if ode else None   # a few-step model's levels
     sampler = dict(steps=len(few), cfg=1.0) if few else recipe["sampler"]
@@ -444,6 +495,7 @@ def train(args, init: dict | None = None):
             group["lr"] = lr
         x, tokens = (t.to(device, non_blocking=True) for t in next(data))
         if distilling:   # data-free: the clips' captions are all DMD reads
+            distiller.progress = step / args.steps   # (Context Forcing's curriculum)
             critic_losses.append(distiller.train_critic(model, tokens, lr, GRAD_CLIP, amp))
             with amp:
                 loss = distiller.student_loss(model, tokens)
@@ -455,6 +507,8 @@ def train(args, init: dict | None = None):
                 warming_up = args.method == "resampling" and step < rs.warmup   # teacher forcing first
                 if ode:
                     loss = ode_loss(net, x, tokens, teacher, ode_grid, every, teacher_ckpt["sampler"]["cfg"])
+                elif bank is not None:
+                    loss = context_teacher_loss(net, x, tokens, recipe["shift"], context_memory(cfg), bank)
                 else:
                     loss = (teacher_loss if warming_up else loss_fn)(net, x, tokens, recipe["shift"])
         opt.zero_grad(set_to_none=True)
@@ -482,7 +536,8 @@ def train(args, init: dict | None = None):
             rng = gather(rng_states(device), ddp)   # the noise of the losses, per rank
             if master:
                 save_checkpoint(os.path.join(args.out, f"ckpt_{step:07d}.pt"), model, ema, opt, args.method, step,
-                                {**extra, "rng": rng, **(distiller.state_dict() if distilling else {})})
+                                {**extra, "rng": rng, **(distiller.state_dict() if distilling else {}),
+                                 **({"bank": bank.state_dict()} if bank else {})})
                 prune_checkpoints(args.out)
     if master:
         final = latest_checkpoint(args.out)
@@ -500,21 +555,28 @@ def train(args, init: dict | None = None):
     return model
 
 
-def train_score(args):
-    """Distillation's first stage when no score is given: the causal student fine-tuned into the bidirectional score
-    (same weights, full attention over the clip) for SCORE_STEPS, in its latent space (its VAE), into
-    args.score_stage (resumed if it was stopped). The student already draws the world, so this takes minutes where a
-    score from nothing would take as long as the student did."""
-    out = args.score_stage
-    student = load_checkpoint(args.init or DEFAULT_CKPT)
-    resume = latest_checkpoint(out) is not None
-    argv = ["--method", "bidirectional", f"--{args.preset}", "--steps", str(SCORE_STEPS[args.preset]), "--out", out,
-            "--seed", str(args.seed)] + (["--vae", student["path"]] if "vae" in student else []) + \
-        (["--resume"] if resume else ["--init", student["path"]])
-    print(f"stage 0: DMD's score, the student fine-tuned into a bidirectional model, into {out}", flush=True)
-    score_args = parse(argv)
-    train(score_args, check(score_args))
-    args.score_stage = None
+def run_stage(args, what: str, out: str, argv: list):
+    """Train an earlier stage of this run into `out` (resumed if it was stopped there) with the run's preset and
+    seed, by the same code as its own command. The score stage, for instance, fine-tunes the causal student into
+    the bidirectional score (same weights, full attention over the clip) for SCORE_STEPS: the student already
+    draws the world, so this takes minutes where a score from nothing would take as long as the student did."""
+    argv = argv + [f"--{args.preset}", "--seed", str(args.seed), "--out", out]
+    if latest_checkpoint(out) is not None:   # continue it: its settings are the stored ones
+        i = argv.index("--init")
+        argv = argv[:i] + argv[i + 2:] + ["--resume"]
+    print(f"{what}, into {out}", flush=True)
+    stage = parse(argv)
+    run(stage, check(stage))
+
+
+def run(args, init: dict | None):
+    """Train the earlier stages the run needs, then the run itself."""
+    for what, out, argv in args.stages:
+        run_stage(args, what, out, argv)
+    if args.stages:
+        args.stages = []
+        init = check(args)   # now that every model it names exists
+    train(args, init)
 
 
 def main(argv=None):
@@ -525,10 +587,7 @@ def main(argv=None):
     for sig in (signal.SIGINT, signal.SIGTERM):   # one line, even where a shell started it with SIGINT ignored
         signal.signal(sig, signal.default_int_handler)
     try:
-        if args.score_stage:
-            train_score(args)
-            check_distillation(args, DiTConfig.preset(args.preset))
-        train(args, init)
+        run(args, init)
     except (DataError, CheckpointError) as e:
         raise SystemExit(f"train.py: error: {e}")
     except MemoryError:

@@ -133,7 +133,7 @@ def test_ode_initialisation_trains_resumes_exactly_and_streams_few_step(trained,
     r = run("sample.py", "--ckpt", out, "--seconds", "1", "--out", video)
     assert r.returncode == 0, r.stderr
     assert "few x 4 |" in r.stdout and sum(1 for _ in imageio.get_reader(video)) == 16
-    one_line_error(run("train.py", "--method", "ode", "--tiny", "--out", str(tmp_path / "x")), "name the model with --init")
+    one_line_error(run("train.py", "--method", "ode", "--tiny", "--out", str(tmp_path / "x")), "name it with --init")
 
 
 def test_distillation_without_a_score_trains_one_first(trained, tmp_path, monkeypatch):
@@ -151,6 +151,44 @@ def test_distillation_without_a_score_trains_one_first(trained, tmp_path, monkey
     init, fresh = train.load_checkpoint(trained)["ema"], train.DiT(train.DiTConfig.preset("tiny")).state_dict()
     moved = sum((score["ema"][k].float() - init[k].float()).norm() for k in init)
     assert moved < 0.1 * sum((fresh[k].float() - init[k].float()).norm() for k in init)
+
+
+def test_context_forcing_from_a_base_model_with_one_command_then_streams_through_slowfast(trained, tmp_path,
+                                                                                          monkeypatch):
+    sys.path.insert(0, ROOT)
+    import train
+    monkeypatch.setitem(train.SCORE_STEPS, "tiny", 2)   # the budgets, here
+    monkeypatch.setitem(train.DISTILL, "tiny", {**train.DISTILL["tiny"], "steps": 2})
+    monkeypatch.setitem(train.CONTEXT_RECIPE, "tiny", {**train.CONTEXT_RECIPE["tiny"], "teacher_steps": 2, "steps": 2})
+    out = str(tmp_path / "context")
+    train.main(["--method", "context", "--tiny", "--base", trained, "--out", out, "--log-every", "1"])
+    made = {part: torch.load(os.path.join(out, *part, "model.pt"), weights_only=True)["method"]
+            for part in [("teacher",), ("self", "score"), ("self",), ()]}
+    assert list(made.values()) == ["context-teacher", "bidirectional", "self", "context"]
+    args = torch.load(os.path.join(out, "model.pt"), weights_only=True)["args"]
+    assert args["score"] == os.path.join(out, "teacher", "model.pt")
+    video = str(tmp_path / "context.mp4")
+    r = run("sample.py", "--ckpt", out, "--seconds", "2", "--out", video)
+    assert r.returncode == 0, r.stderr
+    assert "memory slowfast" in r.stdout and "few x 4 |" in r.stdout and sum(1 for _ in imageio.get_reader(video)) == 32
+
+
+def test_context_teacher_resumes_exactly_with_its_error_bank(trained, tmp_path):
+    out = str(tmp_path / "teacher")
+    flags = ["--method", "context-teacher", "--tiny", "--steps", "2", "--save-every", "1", "--out", out]
+    assert run("train.py", *flags, "--init", trained).returncode == 0
+    last = os.path.join(out, "ckpt_0000002.pt")
+    a = torch.load(last, weights_only=True)
+    os.remove(last)
+    r = run("train.py", *flags, "--resume")
+    assert r.returncode == 0, r.stderr
+    b = torch.load(last, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["bank"]["rings"], b["bank"]["rings"])) and a["bank"]["rings"][0].numel()
+    one_line_error(run("train.py", "--method", "context", "--tiny", "--out", str(tmp_path / "x")),
+                   "--method context distils a causal model", "--base")
+    one_line_error(run("train.py", "--method", "context", "--tiny", "--init", trained, "--score", trained, "--out",
+                       str(tmp_path / "y")), "long-context teacher")
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -179,7 +217,8 @@ def test_resume_continues_exactly(tmp_path):
 # {out} the output the command names, which must not exist afterwards.
 BAD_INPUT = [
     ("train.py --method nonsense --tiny", "unknown --method"),
-    ("train.py --method context --tiny", "not built yet"),
+    ("train.py --method context --tiny", "--init", "--base"),
+    ("train.py --method context-teacher --tiny", "--init"),
     ("train.py --method self --tiny", "--init"),
     ("train.py --method self --tiny --score {ckpt} --init {ckpt}", "bidirectional"),
     ("train.py --tiny --topk 7", "--topk 7", "history frames"),

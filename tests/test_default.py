@@ -78,4 +78,4 @@ def test_shipped_score_is_a_bidirectional_model_in_the_defaults_latent_space():
     a, b = score["vae"]["state"], default["vae"]["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     args = train.parse(["--method", "self", "--cpu"])
-    assert args.score == train.SCORE_CKPT and args.score_stage is None and args.init == train.DEFAULT_CKPT
+    assert args.score == train.SCORE_CKPT and args.stages == [] and args.init == train.DEFAULT_CKPT
