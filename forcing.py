@@ -10,7 +10,8 @@ classifier-free guidance has an unconditional model to push away from. What diff
                  history is noisy truth, a crude stand-in for the model's imperfect history.
   bidirectional  the whole clip at one sigma, full attention: a clip model, not a streaming one (DMD's score).
   resampling     teacher forcing on a history the model degraded itself (Resampling Forcing, Guo et al. 2025).
-The distillation methods (self, rolling, context) train by DMD instead: distill.py.
+The distillation methods train by DMD instead: self and rolling in distill.py, context in context.py
+(whose long-context teacher is teacher forcing through slow/fast memory).
 """
 
 from dataclasses import dataclass
@@ -22,8 +23,7 @@ from flow import add_noise, chunk_sigma, expand, shift_sigma
 from memory import KVCache, MemoryConfig
 from rollout import recache
 
-METHODS = ("teacher", "diffusion", "bidirectional", "resampling")   # built so far
-PLANNED = ("context",)                                               # named by the design, not built yet
+METHODS = ("teacher", "diffusion", "bidirectional", "resampling")
 
 
 def drop_prompt(tokens: torch.Tensor, p: float = 0.1, generator=None) -> torch.Tensor:

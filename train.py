@@ -484,7 +484,8 @@ def train(args, init: dict | None = None):
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(settings(args), f, indent=1)
         n = sum(p.numel() for p in model.parameters())
-        print(("stage 2: " if vae else "") + f"{args.method} | {args.preset} {n / 1e6:.2f}M params | {cfg.frames} frames x "
+        stage = "stage 2: " if vae and init is None and args.method in METHODS else ""   # (stage 1 made the VAE)
+        print(stage + f"{args.method} | {args.preset} {n / 1e6:.2f}M params | {cfg.frames} frames x "
               f"{cfg.tokens_per_frame} tokens | batch {args.batch} on {world_size} x {device.type} | out {args.out}")
         log = open(os.path.join(args.out, "log.jsonl"), "a")
 

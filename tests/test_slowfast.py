@@ -3,7 +3,7 @@
 import torch
 
 from flow import SamplerConfig
-from memory import KVCache, MemoryConfig
+from memory import KVCache, MemoryConfig, filling
 from model import DiT, DiTConfig
 from rollout import rollout
 
@@ -60,3 +60,17 @@ def test_a_model_streams_through_slowfast_memory():
                                    cache=cache)), 1)
     assert video.shape[1] == 40 and torch.isfinite(video).all()
     assert len(cache) <= 6 and cache.frames[:2] == [0, 1]
+
+
+def test_filled_memories_hold_the_same_frames_so_policies_compare_at_equal_bytes():
+    cfg = DiTConfig.preset("cpu")
+    sizes = {}
+    for policy in ("window", "sink", "slowfast"):
+        memory = filling(policy, cfg.frames, cfg.chunk, cfg.chunk)
+        memory.check(cfg.chunk, cfg.frames)
+        cache = KVCache(memory, depth=2)
+        for t in range(40):   # every frame new: slowfast promotes each one that leaves its fast FIFO
+            k = torch.randn(1, cfg.chunk * L, H, HD)
+            cache.append([(k, k.clone()) for _ in range(2)], torch.zeros(1, cfg.chunk, 3, 4, 4))
+        sizes[policy] = (len(cache), cache.nbytes())
+    assert len(set(sizes.values())) == 1 and sizes["sink"][0] == cfg.frames - cfg.chunk, sizes
