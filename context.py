@@ -7,7 +7,7 @@ that caps how far back a student learns to look. Context Forcing gives the teach
   memory    the stream keeps its past in slow/fast memory (memory.py, slowfast): an attention sink, a slow
             memory of the surprising frames and a fast FIFO of the latest, at bounded positions.
   teacher   the long-context teacher: a causal model trained by teacher forcing on clips far longer than its
-            window, *through* that memory (teacher_loss): the real clip streams into the memory chunk by
+            window, *through* that memory (context_teacher_loss): the real clip streams into the memory chunk by
             chunk, and each chunk is denoised from noise against the memory of the frames before it, as at
             inference. Error-Recycling Fine-Tuning (Stable Video Infinity) makes it robust to a drifted
             history: the model's own x0 errors are kept in a bank (ErrorBank) and added to the frames that go
@@ -22,7 +22,7 @@ that caps how far back a student learns to look. Context Forcing gives the teach
             rollout growing by a curriculum from one training clip to ContextConfig.long frames.
 
 Decisions the paper leaves open, taken here (the memory's own are in memory.py):
-- The teacher is causal: the default many-step model fine-tuned by teacher_loss (train.py --method
+- The teacher is causal: the default many-step model fine-tuned by context_teacher_loss (train.py --method
   context-teacher), so it reads a KV cache as the student does. Its memory keys come from the no-gradient clean
   re-cache, as at inference: the gradient reaches each chunk's own forward, not the keys of its history.
 - The error bank keeps x0 errors of chunks by noise-level bucket; a chunk entering memory gets, with
@@ -109,7 +109,7 @@ class ErrorBank:
         self.rings = [list(r.unbind(0)) for r in state["rings"]]
 
 
-def teacher_loss(model, x0, tokens, shift: float, memory: MemoryConfig, bank: ErrorBank | None = None,
+def context_teacher_loss(model, x0, tokens, shift: float, memory: MemoryConfig, bank: ErrorBank | None = None,
                  generator=None):
     """Flow matching of every chunk of a long clip x0 (B, N, C, H, W) against the slow/fast memory of the
     frames before it: the clip streams chunk by chunk, each chunk is noised to its own level and denoised

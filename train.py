@@ -37,8 +37,8 @@ from checkpoint import (CheckpointError, check_resume, check_same_model, export_
                         load_checkpoint, lock_run_directory, model_from_checkpoint, prune_checkpoints, restore_rng,
                         rng_states, save_checkpoint)
 from flow import SamplerConfig, euler_sigmas
-from context import CONTEXT, CONTEXT_TEACHER, ContextConfig, ContextDistiller, ErrorBank, context_memory
-from context import teacher_loss as context_teacher_loss
+from context import (CONTEXT, CONTEXT_TEACHER, ContextConfig, ContextDistiller, ErrorBank, context_memory,
+                     context_teacher_loss)
 from distill import BETAS, DISTILLED, ODE, DMDConfig, Distiller, few_step_levels, ode_loss
 from forcing import LOSSES, METHODS, ResamplingConfig, resampling_loss, teacher_loss
 from memory import MemoryConfig

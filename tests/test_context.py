@@ -6,7 +6,7 @@ import copy
 import torch
 
 from context import (ContextConfig, ErrorBank, context_rollout, contextual_critic_loss, contextual_dmd_loss,
-                     rollout_length, teacher_loss)
+                     context_teacher_loss, rollout_length)
 from distill import DMDConfig
 from memory import KVCache, MemoryConfig
 from model import DiT, DiTConfig
@@ -47,7 +47,7 @@ def test_error_recycling_changes_the_memory_and_only_the_memory():
             return forward(x, sigma, text, cache, prompt=prompt)
 
         model.forward_cached = recorded
-        loss = teacher_loss(model, x0, tokens(), 1.0, SLOWFAST, copy.deepcopy(bank) if with_bank else None,
+        loss = context_teacher_loss(model, x0, tokens(), 1.0, SLOWFAST, copy.deepcopy(bank) if with_bank else None,
                             torch.Generator().manual_seed(0))
         return loss, calls
 
