@@ -31,7 +31,7 @@ from vae import load_vae
 DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "default.pt")
 SECONDS = 10.0
 FPS = 16            # ToyWorld's world time runs at 16 frames per second
-MEMORY = {"context": "slowfast"}   # a method's own memory policy; every other streams with "sink"
+MEMORY = {"context": "slowfast", "context-teacher": "slowfast"}   # a method's own memory; every other streams with sink
 SAMPLER = {"teacher": "euler", "diffusion": "euler", "resampling": "euler", "context-teacher": "euler", "ode": "few",
            "self": "few", "rolling": "few", "context": "few"}
 STEPS = {"euler": 16, "few": 4}   # denoising calls per chunk, unless the checkpoint names its own (see train.RECIPE)
@@ -45,8 +45,8 @@ def add_args(p, prompt=True):
     p.add_argument("--seconds", type=float, default=None, help=f"length of the video (default {SECONDS:g})")
     p.add_argument("--minutes", type=float, default=None, help="length of the video in minutes")
     p.add_argument("--fps", type=int, default=FPS, help="frames per second of the video")
-    p.add_argument("--memory", default=None, help=f"KV cache policy: {', '.join(POLICIES)} (default: slowfast for a "
-                   "context model, else sink)")
+    p.add_argument("--memory", default=None, help=f"KV cache policy: {', '.join(POLICIES)} (default: slowfast for the "
+                   "context methods' models, else sink)")
     p.add_argument("--window", type=int, default=None, help="recent frames kept (default: fill the trained range)")
     p.add_argument("--sink", type=int, default=None, help="sink frames kept for good (default: one chunk)")
     p.add_argument("--slow", type=int, default=None,
