@@ -158,8 +158,9 @@ class KVCache:
         fast = [j for j in range(len(frames)) if j not in sink and frames[j] not in self.slow]
         for j in fast[:max(0, len(fast) - cfg.window)]:   # leaving fast memory, oldest first
             f, d = frames[j], self._descriptor(j)
-            before = self._descriptor(frames.index(f - 1)) if f - 1 in frames else \
-                self.last_left[1] if self.last_left and self.last_left[0] == f - 1 else None
+            # the predecessor most often left just before (its descriptor is at hand), else it is still kept
+            before = self.last_left[1] if self.last_left and self.last_left[0] == f - 1 else \
+                self._descriptor(frames.index(f - 1)) if f - 1 in frames else None
             similar = before is not None and torch.cosine_similarity(d, before, dim=-1).mean() >= cfg.tau
             if not similar and cfg.slow > 0:
                 self.slow = (self.slow + [f])[-cfg.slow:]
@@ -177,6 +178,8 @@ class KVCache:
         n = len(self.frames)
         self.k = [k.detach().unflatten(1, (n, -1)) for k, _ in kvs]
         self.v = [v.detach().unflatten(1, (n, -1)) for _, v in kvs]
+        if self.last_left and self.last_left[0] in self.frames:   # a promoted frame: its descriptor follows its keys
+            self.last_left = (self.last_left[0], self._descriptor(self.frames.index(self.last_left[0])))
 
     def snapshot(self) -> "KVCache":
         """The cache as it stands now, unchanged by later appends (which replace tensors, never write into them)."""

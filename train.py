@@ -173,7 +173,6 @@ def parse(argv=None):
     if args.method in DISTILLED and args.score is None:   # the shipped score (--cpu), else trained first
         args.score = SCORE_CKPT if shipped and os.path.exists(SCORE_CKPT) else os.path.join(args.out, "score", "model.pt")
         if not os.path.exists(args.score) and args.init:
-            student = load_checkpoint(args.init)
             args.stages.append(("stage 0: DMD's score, the student fine-tuned into a bidirectional model",
                                 os.path.dirname(args.score), ["--method", "bidirectional", "--steps",
                                 str(SCORE_STEPS[args.preset]), "--init", args.init]))
