@@ -23,6 +23,7 @@ from sample import output_path
 
 FIGURES = ("palette_fidelity", "colour_drift", "count_error", "background_error", "flicker", "motion_retention",
            "teleport_rate", "identity_match")
+NEWER = ("prompt_colour", "prompt_shape")   # figures an older eval.json lacks: shown as "-" for it
 CURVES = ("palette_fidelity", "colour_drift", "count_error", "background_error", "flicker")
 LINE_COLOURS = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (210, 130, 0), (140, 60, 180), (0, 160, 170),
                 (90, 90, 90), (230, 90, 160)]
@@ -83,8 +84,8 @@ def cell(values):
 def table(models) -> str:
     labels = list(models)
     rows = ["| metric | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-    for name in FIGURES:
-        rows.append(f"| {name} | " + " | ".join(cell([r["figures"][name] for r in models[m]]) for m in labels) + " |")
+    for name in FIGURES + NEWER:
+        rows.append(f"| {name} | " + " | ".join(cell([r["figures"].get(name) for r in models[m]]) for m in labels) + " |")
     for name in CURVES:
         rows.append(f"| {name}: drift (last {WINDOW_S:g} s - first) | " +
                     " | ".join(cell([r["drift"][name]["delta"] for r in models[m]]) for m in labels) + " |")

@@ -6,7 +6,8 @@ accumulation (minute 5 should look like minute 0), Context Forcing about long me
 off screen should be the same object). ToyWorld (data.py) has exact ground truth, so both become numbers here,
 offline, the same for every method. What is measured (each function's docstring is the exact definition):
   per frame   palette fidelity, colour drift, object-count error, background error, background flicker, object
-              speed; PSNR and SSIM after a teacher-forced start
+              speed, prompt colour and shape (are the objects drawn the ones the caption names?); PSNR and SSIM
+              after a teacher-forced start
   per video   motion retention, teleport rate, identity after a gap (by gap length), frames to follow a new
               caption (prompt switch), PSNR and SSIM by horizon
   per curve   drift: first 5 s against last 5 s, signed and absolute (Rolling Forcing), slope per minute
@@ -269,18 +270,35 @@ def identity_after_gap(det, fps):
     return gaps
 
 
+def caption_objects(caption):
+    """A caption -> named [8] (its colours) and want [8] (the SHAPE_ID of each named colour's shape, else -1)."""
+    objs = parse_caption(caption)[0]
+    return np.array([c in objs for c in COLOURS]), np.array([SHAPE_ID.get(objs.get(c), -1) for c in COLOURS])
+
+
+def prompt_objects(det, named, want):
+    """Per frame, does a video draw the objects its caption names? named, want [N, 8] (caption_objects of each
+    frame). Returns "prompt colour", the share of the objects seen whose colour the caption names, and "prompt
+    shape", the share of the clean objects in a named colour that have the caption's shape for it; NaN where
+    there is nothing to score. 1 and 1 on ToyWorld's frames. A model that draws blobs in any palette colour keeps
+    a high palette fidelity and scores low here; objects the caption names but the view does not show (off screen,
+    behind the occluder) are not asked for."""
+    colour = masked_mean(named, det["present"], 1)
+    target = det["clean"] & named
+    return colour, masked_mean(det["shape"] == want, target, 1)
+
+
 def prompt_switch(det, caption, frame, end=None):
     """Frames from `frame` (where the caption becomes `caption`) until the video matches it for SWITCH_HOLD frames
     in a row (fewer if the video ends first), or None if it never does before `end`. A frame matches when every
-    object seen has a colour the caption names, every clean one has the caption's shape, and more of its backdrop
-    pixels are nearest the caption's backdrop colour than any other (backdrop_share). An object the caption adds
-    is not required to be seen: the world may bring it in out of view."""
-    objs, backdrop = parse_caption(caption)
+    object seen has a colour the caption names, every clean one has the caption's shape (prompt_objects, both 1 or
+    undefined), and more of its backdrop pixels are nearest the caption's backdrop colour than any other
+    (backdrop_share). An object the caption adds is not required to be seen: the world may bring it in out of
+    view."""
+    backdrop = parse_caption(caption)[1]
     share = np.nan_to_num(det["backdrop"])   # a frame with no backdrop pixel has no background to match
-    named = np.array([c in objs for c in COLOURS])
-    want = np.array([SHAPE_ID.get(objs.get(c), -1) for c in COLOURS])
-    ok = (~(det["present"] & ~named).any(1) & ~(det["clean"] & named & (det["shape"] != want)).any(1)
-          & (share[:, backdrop] > 0) & (share[:, backdrop] == share.max(1)))
+    colour, shape = (np.nan_to_num(p, nan=1.0) for p in prompt_objects(det, *caption_objects(caption)))
+    ok = (colour == 1) & (shape == 1) & (share[:, backdrop] > 0) & (share[:, backdrop] == share.max(1))
     end = len(ok) if end is None else end
     return next((t - frame for t in range(frame, end) if ok[t:min(t + SWITCH_HOLD, end)].all()), None)
 
@@ -355,9 +373,13 @@ def evaluate(frames, world, fps, tf_start=0):
     det["flicker"][changed], det["shift"][changed] = np.nan, 0   # a new background is not flicker
     limit = float(np.hypot(world.vx, world.vy).max()) + SPEED_SLACK
     speed, teleport, retention = motion(det, det["shift"], limit, max(2, min(round(RETENTION_S * fps), n // 2)))
+    wanted = {c: caption_objects(c) for c in scenes}
+    prompt_colour, prompt_shape = prompt_objects(det, np.array([wanted[c][0] for c in captions]),
+                                                 np.array([wanted[c][1] for c in captions]))
     curves = {"palette_fidelity": det["palette_fidelity"], "colour_drift": colour_drift(det),
               "count_error": count_error(det, np.array([len(scenes[c][0]) for c in captions])),
-              "background_error": det["background_error"], "flicker": det["flicker"], "speed": speed}
+              "background_error": det["background_error"], "flicker": det["flicker"], "speed": speed,
+              "prompt_colour": prompt_colour, "prompt_shape": prompt_shape}
     gaps = identity_after_gap(det, fps)
     identity = {}
     for _, name in GAP_BUCKETS:

@@ -135,6 +135,7 @@ def test_real_video_scores_ideal(seed, size, seconds, deterministic):
     assert f["teleport_rate"] == 0
     assert abs(f["motion_retention"] - 1) < 0.15   # whole-pixel positions: +-1 px per run of steps, ~8% at most
     assert f["gaps_scored"] >= 1 and f["identity_match"] == 1
+    assert f["prompt_colour"] == 1 and f["prompt_shape"] == 1   # every object drawn is named, in its shape
     assert all(s["frames_to_match"] == 0 for s in r["prompt_switch"])
     assert len(r["prompt_switch"]) == sum(t < len(frames) for t, _ in world.events)
     # count error against the ground truth: where no object is half hidden, it is the number out of view
@@ -221,6 +222,24 @@ def test_shape_swap_after_a_gap_breaks_identity(seed3):
     r = M.evaluate(swapped, world, FPS)
     assert r["figures"]["identity_match"] < 1
     assert any(g["colour"] == gap["colour"] and g["start"] == gap["start"] and g["match"] is False for g in r["gaps"])
+
+
+def test_objects_unlike_the_caption_lower_prompt_colour_and_shape(seed3):
+    world, frames, real = seed3
+    assert real["figures"]["prompt_colour"] == 1 and real["figures"]["prompt_shape"] == 1
+    j = world.scenes[0][0][0]   # on stage for the whole minute
+    unnamed = next(c for c in PALETTE if c not in world.colours)
+    recoloured = frames.copy()
+    recoloured[np.all(frames == world.rgb[j], axis=-1)] = PALETTE[unnamed]   # drawn in a colour no caption names
+    r = M.evaluate(recoloured, world, FPS)
+    seen = np.flatnonzero(real["curves"]["count_error"] < len(world.scenes[0][0]))   # frames with an object seen
+    assert r["figures"]["prompt_colour"] < 0.9 and r["figures"]["palette_fidelity"] == real["figures"]["palette_fidelity"]
+    assert np.nanmin(r["curves"]["prompt_colour"][seen]) < 1
+    reshaped_world = ToyWorld(3, world.cfg)   # the same object, always in another shape
+    other = next(s for s in ("square", "triangle") if s != world.shapes[j])
+    reshaped_world.masks[j] = shape_mask(other, world.radius[j])
+    r = M.evaluate(reshaped_world.render(0, len(frames)), world, FPS)
+    assert r["figures"]["prompt_shape"] < 0.9 and r["figures"]["prompt_colour"] == 1
 
 
 def test_ignoring_a_prompt_switch_never_matches(seed3):
