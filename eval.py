@@ -127,8 +127,6 @@ def main(argv=None):
     if stream:
         stream.prompt = world.caption(0)
         if args.switches:
-            if stream.schedule == "rolling":
-                fail("--switches works with the chunked schedule only")
             chunk = stream.model.cfg.chunk
             for frame, caption in world.events:
                 start = -(-frame // chunk) * chunk   # the model switches at a chunk start: the next one

@@ -139,7 +139,7 @@ def rollout(model, tokens, n_frames: int, memory: MemoryConfig, sampler: Sampler
 
 
 def rolling_windows(model, tokens, n_chunks: int, sigmas: list[float], cache: KVCache, prompt=None, generator=None,
-                    graded=lambda w: False, clip: float | None = None):
+                    graded=lambda w: False, clip: float | None = None, switches: dict | None = None):
     """Rolling Forcing's windows over n_chunks chunks, yielding (w, first, x0) per window w: the x0
     prediction (B, k * chunk, C, H, W) of the window's chunks first..first + k - 1, oldest first.
 
@@ -148,12 +148,20 @@ def rolling_windows(model, tokens, n_chunks: int, sigmas: list[float], cache: KV
     of this window is its frame), while the windows ramp up at the start and down at the end. Only finished
     chunks are cached, so while the window ramps up it sees only itself. graded(w): run window w with gradient
     (distillation); every other call, and every re-cache, runs without. clip: as SamplerConfig.clip, applied
-    to a finished chunk before it is cached (the yielded x0 is the model's, unclipped).
+    to a finished chunk before it is cached (the yielded x0 is the model's, unclipped). switches: {chunk index i:
+    tokens}: from window i, the one chunk i enters, every call runs under the new prompt, and the cache is
+    re-encoded under it then (switch_prompt). The chunks already in the window finish under it; the chunks that
+    left it are untouched.
     """
     c, W, B = model.cfg, len(sigmas), tokens.shape[0]
     prompt = model.text(tokens) if prompt is None else prompt
+    switches = switches or {}
     noisy = {}   # chunk index -> its noisy frames at the level of its next window
     for w in range(n_chunks + W - 1):
+        if w in switches:
+            tokens = switches[w]
+            prompt = model.text(tokens)
+            switch_prompt(model, cache, tokens, prompt)
         if w < n_chunks:
             noisy[w] = torch.randn(B, c.chunk, c.channels, c.height, c.width, device=tokens.device,
                                    generator=generator)
@@ -178,17 +186,21 @@ def rolling_windows(model, tokens, n_chunks: int, sigmas: list[float], cache: KV
 
 @torch.no_grad()
 def rolling_rollout(model, tokens, n_frames: int, memory: MemoryConfig, sampler: SamplerConfig, generator=None,
-                    cache: KVCache | None = None, context: torch.Tensor | None = None):
+                    cache: KVCache | None = None, context: torch.Tensor | None = None, switches: dict | None = None):
     """Stream n_frames (whole chunks) on Rolling Forcing's schedule, yielding each chunk (B, chunk, C, H, W) as
-    it leaves the window. A few-step (distilled) sampler: its levels are the window's, no guidance. context: as
-    for rollout."""
+    it leaves the window. A few-step (distilled) sampler: its levels are the window's, no guidance. context and
+    switches ({frame: tokens}): as for rollout; a switch takes effect when its chunk enters the window
+    (rolling_windows), so the W - 1 chunks then in the window finish under the new prompt."""
     assert sampler.kind == "few", "the rolling schedule runs the few-step levels of a distilled model"
     cfg = model.cfg
+    switches = switches or {}
+    assert all(f % cfg.chunk == 0 for f in switches), f"switch frames must start chunks: {sorted(switches)}"
     cache = KVCache(memory, cfg.depth) if cache is None else cache
     prefill(model, context, tokens, cache)
     W = len(sampler.levels)
     for w, first, x0 in rolling_windows(model, tokens, math.ceil(n_frames / cfg.chunk), sampler.sigmas(), cache,
-                                        generator=generator, clip=sampler.clip):
+                                        generator=generator, clip=sampler.clip,
+                                        switches={f // cfg.chunk: t for f, t in switches.items()}):
         if w - first == W - 1:
             chunk = x0[:, :cfg.chunk]
             yield bound(chunk, sampler.clip)

@@ -154,8 +154,6 @@ class Stream:
         self.switches = {}   # frame -> caption
         for spec in args.switch or []:
             self.add_switch(spec, args.fps)
-        if self.switches and self.schedule == "rolling":
-            fail("--switch works with the chunked schedule only")
         unknown = list(dict.fromkeys(w for c in [self.prompt, *self.switches.values()] for w in unknown_words(c)))
         if unknown:
             print(f"{PROG}: warning: not in the vocabulary, read as <unk>: {', '.join(unknown)} (the words the model "
@@ -206,7 +204,7 @@ class Stream:
         with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
             if self.schedule == "rolling":
                 stream = rolling_rollout(self.model, tokens, self.n_frames, self.memory, self.sampler, generator,
-                                         self.cache, context)
+                                         self.cache, context, switches)
             else:
                 stream = rollout(self.model, tokens, self.n_frames, self.memory, self.sampler, generator, self.cache,
                                  context, switches)

@@ -102,3 +102,28 @@ def test_graded_windows_tile_the_chunks_and_only_they_carry_gradient(exit_window
     windows = [g for s, g in calls if any(v > 0 for v in s)]
     assert windows == [w % W == exit_window for w in range(n + W - 1)]
     assert not any(g for s, g in calls if not any(v > 0 for v in s))   # no re-cache with gradient
+
+
+@torch.no_grad()
+def test_a_switch_leaves_the_chunks_that_left_the_window_and_re_encodes_the_cache():
+    model, n, W = tiny(), 7, len(LEVELS)
+    c, i = model.cfg.chunk, 4   # the switch: chunk 4 enters window 4, when chunks 0 and 1 have left it
+    a, b = torch.randint(2, 20, (1, 6)), torch.randint(2, 20, (1, 6))
+    memory = MemoryConfig("full")
+    sampler = SamplerConfig(kind="few", levels=LEVELS, shift=1.0, clip=None)
+
+    def stream(switches):
+        cache = KVCache(memory, model.cfg.depth)
+        out = torch.cat(list(rolling_rollout(model, a, n * c, memory, sampler, torch.Generator().manual_seed(0),
+                                             cache, switches=switches)), 1)
+        return out, cache
+
+    (plain, _), (switched, cache) = stream({}), stream({i * c: b})
+    left = (i - W + 1) * c   # frames of the chunks that had left the window at the switch
+    assert torch.equal(plain[:, :left], switched[:, :left])
+    assert not torch.allclose(plain[:, left:], switched[:, left:])
+    under_b = KVCache(memory, model.cfg.depth)   # the cache now holds every frame as if streamed under b
+    for j in range(n):
+        recache(model, switched[:, j * c:(j + 1) * c], b, under_b)
+    for k, k_b in zip(cache.k, under_b.k):
+        assert torch.allclose(k, k_b, atol=1e-5)
