@@ -166,7 +166,15 @@ def parse(argv=None):
     if args.resample_warmup is None:            # resolved now, so it is stored with the run and never drifts
         args.resample_warmup = args.steps // 10
     args.out = args.out or os.path.join("runs", f"{args.method}-{args.preset}")
-    args.stages = []   # (what, out, argv) of earlier stages to train first, in order: the models this run needs
+    plan_stages(args)
+    return args
+
+
+def plan_stages(args):
+    """Fill in the models a run names by default and the earlier stages that must train them first: args.stages,
+    (what, out, argv) in order. --cpu takes the shipped checkpoints where they exist; anything else is trained
+    into the run directory (OUT/score, OUT/teacher, OUT/self) by this same script."""
+    args.stages = []
     shipped = DEFAULT_CKPT if args.preset == "cpu" else None
     if args.method in (*DISTILLED, ODE, CONTEXT_TEACHER) and args.init is None and not args.resume:
         args.init = shipped
@@ -189,7 +197,6 @@ def parse(argv=None):
             if not os.path.exists(student):
                 args.stages.append(("stage 1: Self Forcing on short windows, from the base model",
                                     os.path.dirname(student), ["--method", "self", "--init", args.base]))
-    return args
 
 
 def check(args) -> dict | None:
