@@ -28,7 +28,8 @@ The camera pans by whole pixels, at most one a frame: between two frames the bac
 that best aligns the backdrop is found, flicker is measured after undoing it, and motion relative to it, so a
 panning camera is neither flicker nor motion. Identity is followed by colour: a gap is a stretch in which a
 colour seen before is missing, and the shape it comes back with is compared with the one it left with. Metrics
-that follow a caption (count, background, prompt switch) read the caption of each frame from the world.
+that follow a caption (count, background, prompt colour and shape, prompt switch) read the caption of each frame
+from the world.
 """
 
 import math
