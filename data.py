@@ -427,6 +427,14 @@ def sample_clips(
     return out, captions
 
 
+def object_mask(clips: np.ndarray) -> np.ndarray:
+    """Which pixels of ToyWorld clips float32 [..., 3, H, W] in [-1, 1] belong to an object: bool [..., H, W].
+    Exact, because objects are drawn in the exact palette RGB and no background or occluder pixel is near one."""
+    px = np.round((clips + 1.0) * 127.5).astype(np.int16)   # back to the uint8 values they were rendered as
+    pal = np.array(list(PALETTE.values()), np.int16)[:, :, None, None]   # (P, 3, 1, 1)
+    return (px[..., None, :, :, :] == pal).all(-3).any(-3)
+
+
 # -----------------------------------------------------------------------------
 # a folder of the user's own videos (--data DIR)
 

@@ -35,28 +35,37 @@ def drop_prompt(tokens: torch.Tensor, p: float = 0.1, generator=None) -> torch.T
 # ----------------------------------------------------------------------------------------------------------
 # losses: each takes the model and a clean batch and returns a scalar
 
-def flow_loss(model, x0, sigma, tokens, generator=None, **layout):
-    """Flow-matching MSE: noise x0 to sigma (B, F), predict v = eps - x0 with the given layout, prompt dropout."""
+def flow_loss(model, x0, sigma, tokens, generator=None, weight=None, **layout):
+    """Flow-matching MSE: noise x0 to sigma (B, F), predict v = eps - x0 with the given layout, prompt dropout.
+
+    weight: None, or a per-element weight broadcastable to x0 (train.py's object weighting: the cells that hold
+    an object count more). The weighted mean keeps the loss's scale. Each output element's minimiser is still
+    E[v | x_t], whatever its weight: weighting moves the model's capacity and gradient, not its target.
+    """
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
     v = model(add_noise(x0, sigma, eps), sigma, drop_prompt(tokens, generator=generator), **layout)
-    return F.mse_loss(v.float(), (eps - x0).float())
+    err = (v.float() - (eps - x0).float()) ** 2
+    if weight is None:
+        return err.mean()
+    weight = weight.float().expand_as(err)
+    return (weight * err).sum() / weight.sum()
 
 
-def teacher_loss(model, x0, tokens, shift: float, generator=None, history=None):
+def teacher_loss(model, x0, tokens, shift: float, generator=None, history=None, weight=None):
     """history: what the clean half shows (default the ground truth x0); the target is always x0."""
     sigma = chunk_sigma(*x0.shape[:2], model.cfg.chunk, shift, x0.device, generator)
-    return flow_loss(model, x0, sigma, tokens, generator, layout="teacher_forcing",
+    return flow_loss(model, x0, sigma, tokens, generator, weight, layout="teacher_forcing",
                      clean=x0 if history is None else history)
 
 
-def diffusion_loss(model, x0, tokens, shift: float, generator=None):
+def diffusion_loss(model, x0, tokens, shift: float, generator=None, weight=None):
     sigma = chunk_sigma(*x0.shape[:2], model.cfg.chunk, shift, x0.device, generator)
-    return flow_loss(model, x0, sigma, tokens, generator, layout="block_causal")
+    return flow_loss(model, x0, sigma, tokens, generator, weight, layout="block_causal")
 
 
-def bidirectional_loss(model, x0, tokens, shift: float, generator=None):
+def bidirectional_loss(model, x0, tokens, shift: float, generator=None, weight=None):
     u = torch.rand(x0.shape[0], 1, device=x0.device, generator=generator)   # one sigma for the whole clip
-    return flow_loss(model, x0, shift_sigma(u, shift).expand(x0.shape[:2]), tokens, generator,
+    return flow_loss(model, x0, shift_sigma(u, shift).expand(x0.shape[:2]), tokens, generator, weight,
                      layout="bidirectional")
 
 
@@ -113,8 +122,8 @@ def resample_history(model, x0, tokens, ts, cfg: ResamplingConfig, generator=Non
     return torch.cat(out + [x0[:, Fr - chunk:]], dim=1)
 
 
-def resampling_loss(model, x0, tokens, shift: float, generator=None, cfg: ResamplingConfig = ResamplingConfig(),
-                    resampler=None):
+def resampling_loss(model, x0, tokens, shift: float, generator=None, weight=None,
+                    cfg: ResamplingConfig = ResamplingConfig(), resampler=None):
     """Teacher forcing with the self-resampled history in the clean half and the ground truth as target.
 
     resampler: the plain model that makes the history (default `model`; pass the unwrapped one under DDP).
@@ -123,7 +132,7 @@ def resampling_loss(model, x0, tokens, shift: float, generator=None, cfg: Resamp
     history = resample_history(resampler or model, x0, tokens, ts, cfg, generator)
     # every mode labels its history clean (sigma 0), as the re-cached history is labelled at inference: the noise
     # row is the paper's noise-augmentation baseline, a model that learns to read a noisier history than it gets
-    return teacher_loss(model, x0, tokens, shift, generator, history=history)
+    return teacher_loss(model, x0, tokens, shift, generator, history=history, weight=weight)
 
 
 LOSSES = {"teacher": teacher_loss, "diffusion": diffusion_loss, "bidirectional": bidirectional_loss,

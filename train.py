@@ -31,8 +31,9 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from data import DataError, ToyWorld, VideoFolder, WorldConfig, sample_clips, to_uint8, tokenize
+from data import DataError, ToyWorld, VideoFolder, WorldConfig, object_mask, sample_clips, to_uint8, tokenize
 from checkpoint import (CheckpointError, check_resume, check_same_model, export_model, latest_checkpoint,
                         load_checkpoint, lock_run_directory, model_from_checkpoint, prune_checkpoints, restore_rng,
                         rng_states, save_checkpoint)
@@ -137,6 +138,9 @@ def parse(argv=None):
                    help="history routing: each query attends to its own chunk + its top-k history frames (0 = dense)")
     p.add_argument("--route-sink", type=int, default=0,
                    help="history routing: the first N frames are always attended, in training and streaming")
+    p.add_argument("--object-weight", type=float, default=1.0,
+                   help="ToyWorld, flow-matching methods: the loss weight of the cells that hold an object, against "
+                        "1 for the rest (1 = a plain mean; docs/cpu-recipe.md, section 9)")
     rs = p.add_argument_group("resampling")
     rs.add_argument("--resample-mode", default="autoregressive", choices=("autoregressive", "parallel", "noise"),
                     help="how the history is degraded (the rows of the paper's Table 2)")
@@ -218,6 +222,9 @@ def check(args) -> dict | None:
                          "--resample-warmup >= 0")
     if not 0 <= args.ema < 1:
         raise SystemExit(f"train.py: error: --ema must be in [0, 1) (got {args.ema})")
+    if args.object_weight != 1 and (args.method not in METHODS or args.data or args.object_weight <= 0):
+        raise SystemExit("train.py: error: --object-weight must be positive and is for the flow-matching methods "
+                         f"({', '.join(METHODS)}) on ToyWorld, whose objects it can find")
     pixels = cfg.height * (2 ** VAEConfig.downs if RECIPE[args.preset]["vae_steps"] or args.vae else 1)
     clip_bytes = args.batch * cfg.frames * 3 * pixels ** 2 * 4   # the rendered clips (encoded later, if latent)
     if clip_bytes > MEMORY_BYTES / 4:
@@ -340,6 +347,16 @@ def sample_strip(model, path, sampler: SamplerConfig, vae=None, seconds=2.0, pro
     rows = [np.concatenate(list(f), axis=1) for f in frames]
     iio.imwrite(path + ".tmp", np.concatenate(rows, axis=0).repeat(2, 0).repeat(2, 1), extension=".png")
     os.replace(path + ".tmp", path)
+
+
+def object_weight(clips: torch.Tensor, weight: float, factor: int) -> torch.Tensor:
+    """Per-cell loss weights (B, F, 1, H/factor, W/factor) of ToyWorld pixel clips (B, F, 3, H, W): `weight` where
+    a cell (factor x factor pixels: a latent cell of the frame VAE) holds any object pixel, 1 elsewhere. Objects
+    are a few percent of the pixels but all of what a caption asks for, and a plain mean spends the model's
+    capacity on the backdrop first (docs/cpu-recipe.md, section 7)."""
+    mask = torch.from_numpy(object_mask(clips.cpu().numpy())).float()   # (B, F, H, W)
+    cells = F.max_pool2d(mask.flatten(0, 1)[:, None], factor).unflatten(0, mask.shape[:2])   # (B, F, 1, h, w)
+    return 1 + (weight - 1) * cells.to(clips.device)
 
 
 def learning_rate(args, step: int) -> float:
@@ -482,6 +499,7 @@ def train(args, init: dict | None = None):
     extra = {"shift": recipe["shift"], "sampler": sampler, "args": settings(args)}
     if vae:
         extra["vae"] = vae_state(vae)
+    weighted = args.object_weight != 1 and args.method in METHODS
     loss_fn = LOSSES.get(args.method)
     if args.method == "resampling":
         rs = ResamplingConfig(args.resample_mode, args.resample_shift, args.resample_steps, args.resample_warmup)
@@ -507,6 +525,7 @@ def train(args, init: dict | None = None):
             with amp:
                 loss = distiller.student_loss(model, tokens)
         else:
+            weight = object_weight(x, args.object_weight, vae.factor if vae else 1) if weighted else None
             with amp:
                 if vae:
                     with torch.no_grad():
@@ -517,7 +536,7 @@ def train(args, init: dict | None = None):
                 elif bank is not None:
                     loss = context_teacher_loss(net, x, tokens, recipe["shift"], context_memory(cfg), bank)
                 else:
-                    loss = (teacher_loss if warming_up else loss_fn)(net, x, tokens, recipe["shift"])
+                    loss = (teacher_loss if warming_up else loss_fn)(net, x, tokens, recipe["shift"], weight=weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

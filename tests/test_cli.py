@@ -220,6 +220,8 @@ BAD_INPUT = [
     ("train.py --method context --tiny", "--init", "--base"),
     ("train.py --method context-teacher --tiny", "--init"),
     ("train.py --method self --tiny", "--init"),
+    ("train.py --method teacher --tiny --object-weight 0", "--object-weight"),
+    ("train.py --method ode --tiny --init {ckpt} --object-weight 5", "--object-weight", "flow-matching"),
     ("train.py --method self --tiny --score {ckpt} --init {ckpt}", "bidirectional"),
     ("train.py --tiny --topk 7", "--topk 7", "history frames"),
     ("train.py --tiny --route-sink 9", "--route-sink"),

@@ -16,6 +16,7 @@ from data import (
     VideoFolder,
     WorldConfig,
     backdrop_image,
+    object_mask,
     sample_clips,
     shape_mask,
     to_float,
@@ -120,6 +121,18 @@ def test_state_matches_pixels(size):
             # the frame is the background plus the objects, nothing else
             assert np.array_equal(frame[~drawn], background[~drawn])
     assert occluded >= 3 and len(panned) > 20 and partly > 20  # the pan and the occluder were really exercised
+
+
+def test_object_mask_is_exactly_the_pixels_objects_cover():
+    # object_mask reads the clip alone; the world's background (occluder included) says where objects are drawn
+    drawn = 0
+    for seed in range(6):
+        world = ToyWorld(seed)
+        frames = world.render(300, 12)
+        truth = np.stack([(f != world.background(300 + i)).any(-1) for i, f in enumerate(frames)])
+        assert (object_mask(to_float(frames)) == truth).all()
+        drawn += truth.sum()
+    assert drawn > 1000   # (some of the six views hold no object at these frames)
 
 
 def test_caption_lists_the_objects_and_background_in_state():

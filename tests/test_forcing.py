@@ -5,7 +5,7 @@ import torch
 
 from flow import (SamplerConfig, add_noise, euler_sigmas, few_step_sigmas, sample_euler, sample_few_step, shift_sigma,
                   to_x0)
-from forcing import LOSSES, ResamplingConfig, resample_history
+from forcing import LOSSES, ResamplingConfig, flow_loss, resample_history
 from memory import MemoryConfig
 from model import DiT, DiTConfig
 from rollout import rollout
@@ -55,6 +55,27 @@ def test_loss_falls_when_overfitting_one_batch(method):
     with torch.no_grad():
         after = sum(loss_at(i).item() for i in range(4))
     assert after < 0.7 * before, f"{method}: {before:.4f} -> {after:.4f}"
+
+
+def test_object_weighted_loss_is_the_weighted_mean_of_the_same_errors():
+    torch.manual_seed(0)
+    cfg = DiTConfig.preset("tiny")
+    model = DiT(cfg).eval()
+    x0 = torch.randn(2, cfg.frames, 3, cfg.height, cfg.width)
+    tokens = torch.randint(2, cfg.vocab, (2, cfg.text_len))
+    sigma = torch.rand(2, cfg.frames)
+    mask = (torch.rand(2, cfg.frames, 1, cfg.height, cfg.width) < 0.1).float()   # "object" cells
+
+    def loss(weight):   # the same noise and prompt dropout every call
+        with torch.no_grad():
+            return flow_loss(model, x0, sigma, tokens, torch.Generator().manual_seed(1), weight,
+                             layout="teacher_forcing", clean=x0).item()
+
+    plain, only_objects, only_rest = loss(None), loss(mask), loss(1 - mask)
+    assert loss(torch.full_like(mask, 3.0)) == pytest.approx(plain, rel=1e-5)   # a uniform weight changes nothing
+    n = mask.mean().item()
+    assert plain == pytest.approx(n * only_objects + (1 - n) * only_rest, rel=1e-4)   # the two parts of the mean
+    assert loss(1 + 4 * mask) == pytest.approx((5 * n * only_objects + (1 - n) * only_rest) / (1 + 4 * n), rel=1e-4)
 
 
 @pytest.mark.parametrize("method", ["teacher", "diffusion"])
