@@ -39,8 +39,10 @@ def flow_loss(model, x0, sigma, tokens, generator=None, weight=None, **layout):
     """Flow-matching MSE: noise x0 to sigma (B, F), predict v = eps - x0 with the given layout, prompt dropout.
 
     weight: None, or a per-element weight broadcastable to x0 (train.py's object weighting: the cells that hold
-    an object count more). The weighted mean keeps the loss's scale. Each output element's minimiser is still
-    E[v | x_t], whatever its weight: weighting moves the model's capacity and gradient, not its target.
+    an object count more); the weighted mean keeps the loss's scale. A weight that depends on x0, as that one
+    does, changes what the model learns, not only where it spends its capacity: the minimiser becomes
+    E[w v | x_t] / E[w | x_t], the posterior over clean frames tilted towards those the weight favours. At high
+    noise, where the posterior is broad, that means object colours in every cell (docs/cpu-recipe.md, section 9).
     """
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
     v = model(add_noise(x0, sigma, eps), sigma, drop_prompt(tokens, generator=generator), **layout)

@@ -50,6 +50,7 @@ from vae import VAEConfig, VAETraining, load_vae, train_vae, vae_state
 DMD = DISTILLED + (CONTEXT,)             # the methods that train by DMD (a score and a critic)
 FINE_TUNED = (ODE, CONTEXT_TEACHER) + DMD   # the methods that start from a trained causal model (--init)
 TRAINED = METHODS + FINE_TUNED             # every --method train.py runs
+STREAMED = ("teacher", "diffusion", "resampling")   # the flow-matching methods that train a causal model
 
 # ---- defaults: one block, every value is a flag below ------------------------------------------------------
 PRESETS = {   # model preset -> training hyper-parameters
@@ -140,7 +141,12 @@ def parse(argv=None):
                    help="history routing: the first N frames are always attended, in training and streaming")
     p.add_argument("--object-weight", type=float, default=1.0,
                    help="ToyWorld, flow-matching methods: the loss weight of the cells that hold an object, against "
-                        "1 for the rest (1 = a plain mean; docs/cpu-recipe.md, section 9)")
+                        "1 for the rest (an ablation, off (1) by default: it tilts the model towards drawing object "
+                        "colours everywhere; docs/cpu-recipe.md, section 9)")
+    p.add_argument("--first-chunks", type=float, default=0.0,
+                   help="teacher, diffusion, resampling: this share of the steps trains the clips cut into single "
+                        "chunks, each drawn from the caption alone with no history (an ablation, off by default: "
+                        "docs/cpu-recipe.md, section 9)")
     rs = p.add_argument_group("resampling")
     rs.add_argument("--resample-mode", default="autoregressive", choices=("autoregressive", "parallel", "noise"),
                     help="how the history is degraded (the rows of the paper's Table 2)")
@@ -222,6 +228,9 @@ def check(args) -> dict | None:
                          "--resample-warmup >= 0")
     if not 0 <= args.ema < 1:
         raise SystemExit(f"train.py: error: --ema must be in [0, 1) (got {args.ema})")
+    if not 0 <= args.first_chunks <= 1 or args.first_chunks and args.method not in STREAMED:
+        raise SystemExit(f"train.py: error: --first-chunks is a share of the steps in [0, 1], for the causal "
+                         f"flow-matching methods ({', '.join(STREAMED)})")
     if args.object_weight != 1 and (args.method not in METHODS or args.data or args.object_weight <= 0):
         raise SystemExit("train.py: error: --object-weight must be positive and is for the flow-matching methods "
                          f"({', '.join(METHODS)}) on ToyWorld, whose objects it can find")
@@ -357,6 +366,21 @@ def object_weight(clips: torch.Tensor, weight: float, factor: int) -> torch.Tens
     mask = torch.from_numpy(object_mask(clips.cpu().numpy())).float()   # (B, F, H, W)
     cells = F.max_pool2d(mask.flatten(0, 1)[:, None], factor).unflatten(0, mask.shape[:2])   # (B, F, 1, h, w)
     return 1 + (weight - 1) * cells.to(clips.device)
+
+
+def first_chunk_step(share: float, step: int) -> bool:
+    """Whether `step` trains on single chunks: evenly spread, `share` of all steps, the same after --resume."""
+    return math.floor((step + 1) * share) > math.floor(step * share)
+
+
+def single_chunks(x, tokens, weight, chunk: int):
+    """Cut clips x (B, F, ...) into their B * F / chunk chunks, each a clip of its own, with its clip's prompt
+    tokens (B, L) and loss weights. Only the first chunk of a clip is drawn with no history, a quarter of an
+    8-frame clip's loss: these steps teach drawing the caption's scene from nothing, which is all the first
+    second of a stream asks."""
+    n = x.shape[1] // chunk
+    cut = lambda t: None if t is None else t.reshape(-1, chunk, *t.shape[2:])   # (B * n, chunk, ...)
+    return cut(x), tokens.repeat_interleave(n, 0), cut(weight)
 
 
 def learning_rate(args, step: int) -> float:
@@ -531,6 +555,9 @@ def train(args, init: dict | None = None):
                     with torch.no_grad():
                         x = vae.encode(x).float()   # (B, F, latent, h, w)
                 warming_up = args.method == "resampling" and step < rs.warmup   # teacher forcing first
+                if first_chunk_step(args.first_chunks, step):   # (B, F, ...) -> (B * F / chunk, chunk, ...)
+                    x, tokens, weight = single_chunks(x, tokens, weight, cfg.chunk)
+                    warming_up = True   # nothing to resample: a single chunk has no history
                 if ode:
                     loss = ode_loss(net, x, tokens, teacher, ode_grid, every, teacher_ckpt["sampler"]["cfg"])
                 elif bank is not None:

@@ -221,6 +221,8 @@ BAD_INPUT = [
     ("train.py --method context-teacher --tiny", "--init"),
     ("train.py --method self --tiny", "--init"),
     ("train.py --method teacher --tiny --object-weight 0", "--object-weight"),
+    ("train.py --method teacher --tiny --first-chunks 1.5", "--first-chunks"),
+    ("train.py --method bidirectional --tiny --first-chunks 0.5", "--first-chunks", "causal"),
     ("train.py --method ode --tiny --init {ckpt} --object-weight 5", "--object-weight", "flow-matching"),
     ("train.py --method self --tiny --score {ckpt} --init {ckpt}", "bidirectional"),
     ("train.py --tiny --topk 7", "--topk 7", "history frames"),
@@ -392,6 +394,20 @@ def test_ddp_two_processes_keep_identical_weights_and_draw_their_own_noise(tmp_p
     assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2   # every rank's generators, for --resume
     assert r0["sigma"].shape == r1["sigma"].shape and not torch.equal(r0["sigma"], r1["sigma"])
+
+
+def test_first_chunk_steps_cut_clips_into_history_free_chunks():
+    import train
+    steps = [s for s in range(400) if train.first_chunk_step(0.25, s)]
+    assert len(steps) == 100 and {b - a for a, b in zip(steps, steps[1:])} == {4}   # evenly spread
+    x = torch.arange(2 * 8 * 3.0).reshape(2, 8, 3)   # two clips of 8 frames
+    tokens, weight = torch.tensor([[5, 6], [7, 8]]), torch.rand(2, 8, 1)
+    cx, ct, cw = train.single_chunks(x, tokens, weight, 2)
+    assert cx.shape == (8, 2, 3) and ct.shape == (8, 2) and cw.shape == (8, 2, 1)
+    for i in range(8):   # clip i // 4, its chunk i % 4, with that clip's prompt
+        b, c = divmod(i, 4)
+        assert torch.equal(cx[i], x[b, 2 * c:2 * c + 2]) and torch.equal(ct[i], tokens[b])
+        assert torch.equal(cw[i], weight[b, 2 * c:2 * c + 2])
 
 
 def test_resampling_trains_end_to_end_then_streams(tmp_path):
