@@ -65,7 +65,7 @@ RECIPE = {    # model preset -> what no flag changes: noise schedule, precision 
     # bf16: bf16 autocast on the CPU too (always on CUDA); vae_steps: train a frame VAE first (0 = pixels)
     # sampler: the Euler steps and guidance sample.py uses for the model unless told otherwise
     "tiny":  dict(shift=1.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
-    "cpu":   dict(shift=1.0, bf16=True,  vae_steps=4000, sampler=dict(steps=8, cfg=3.0)),
+    "cpu":   dict(shift=1.0, bf16=True,  vae_steps=4000, sampler=dict(steps=8, cfg=1.5)),
     "small": dict(shift=1.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
     "wan":   dict(shift=3.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
 }

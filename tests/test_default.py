@@ -35,6 +35,7 @@ def test_cpu_preset_is_what_the_readme_says():
 def test_shipped_default_loads_safely_and_streams_with_default_settings(tmp_path):
     ckpt = torch.load(DEFAULT_CKPT, map_location="cpu", weights_only=True)   # plain tensors and dicts only
     assert ckpt["method"] == "resampling" and ckpt["config"] == vars(DiTConfig.preset("cpu"))
+    assert ckpt["sampler"] == train.RECIPE["cpu"]["sampler"]   # what the preset command writes into its model
     assert os.path.getsize(DEFAULT_CKPT) < 16 * 2**20
     out = tmp_path / "v.mp4"
     c = DiTConfig.preset("cpu")
