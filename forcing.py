@@ -14,11 +14,13 @@ The distillation methods train by DMD instead: self and rolling in distill.py, c
 (whose long-context teacher is teacher forcing through slow/fast memory).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from data import object_mask
 from flow import add_noise, chunk_sigma, expand, shift_sigma
 from memory import KVCache, MemoryConfig
 from rollout import recache
@@ -135,6 +137,34 @@ def resampling_loss(model, x0, tokens, shift: float, generator=None, weight=None
     # every mode labels its history clean (sigma 0), as the re-cached history is labelled at inference: the noise
     # row is the paper's noise-augmentation baseline, a model that learns to read a noisier history than it gets
     return teacher_loss(model, x0, tokens, shift, generator, history=history, weight=weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# two ablations of what the losses train on (train.py --object-weight, --first-chunks; both off by default)
+
+def object_weight(clips: torch.Tensor, weight: float, factor: int) -> torch.Tensor:
+    """Per-cell loss weights (B, F, 1, H/factor, W/factor) of ToyWorld pixel clips (B, F, 3, H, W): `weight` where
+    a cell (factor x factor pixels: a latent cell of the frame VAE) holds any object pixel, 1 elsewhere. Objects
+    are a few percent of the pixels but all of what a caption asks for. An ablation: such a weight depends on the
+    clean frame, so it tilts what the model learns (flow_loss), and it loses (docs/cpu-recipe.md, section 9)."""
+    mask = torch.from_numpy(object_mask(clips.cpu().numpy())).float()   # (B, F, H, W)
+    cells = F.max_pool2d(mask.flatten(0, 1)[:, None], factor).unflatten(0, mask.shape[:2])   # (B, F, 1, h, w)
+    return 1 + (weight - 1) * cells.to(clips.device)
+
+
+def first_chunk_step(share: float, step: int) -> bool:
+    """Whether `step` trains on single chunks: evenly spread, `share` of all steps, the same after --resume."""
+    return math.floor((step + 1) * share) > math.floor(step * share)
+
+
+def single_chunks(x, tokens, weight, chunk: int):
+    """Cut clips x (B, F, ...) into their B * F / chunk chunks, each a clip of its own, with its clip's prompt
+    tokens (B, L) and loss weights. Only the first chunk of a clip is drawn with no history, a quarter of an
+    8-frame clip's loss: these steps teach drawing the caption's scene from nothing, which is all the first
+    second of a stream asks."""
+    n = x.shape[1] // chunk
+    cut = lambda t: None if t is None else t.reshape(-1, chunk, *t.shape[2:])   # (B * n, chunk, ...)
+    return cut(x), tokens.repeat_interleave(n, 0), cut(weight)
 
 
 LOSSES = {"teacher": teacher_loss, "diffusion": diffusion_loss, "bidirectional": bidirectional_loss,

@@ -31,9 +31,8 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from data import DataError, ToyWorld, VideoFolder, WorldConfig, object_mask, sample_clips, to_uint8, tokenize
+from data import DataError, ToyWorld, VideoFolder, WorldConfig, sample_clips, to_uint8, tokenize
 from checkpoint import (CheckpointError, check_resume, check_same_model, export_model, latest_checkpoint,
                         load_checkpoint, lock_run_directory, model_from_checkpoint, prune_checkpoints, restore_rng,
                         rng_states, save_checkpoint)
@@ -41,7 +40,8 @@ from flow import SamplerConfig, euler_sigmas
 from context import (CONTEXT, CONTEXT_TEACHER, ContextConfig, ContextDistiller, ErrorBank, context_memory,
                      context_teacher_loss)
 from distill import BETAS, DISTILLED, ODE, DMDConfig, Distiller, few_step_levels, ode_loss
-from forcing import LOSSES, METHODS, ResamplingConfig, resampling_loss, teacher_loss
+from forcing import (LOSSES, METHODS, ResamplingConfig, first_chunk_step, object_weight, resampling_loss,
+                     single_chunks, teacher_loss)
 from memory import MemoryConfig
 from model import DiT, DiTConfig, pick_device
 from rollout import rollout
@@ -356,31 +356,6 @@ def sample_strip(model, path, sampler: SamplerConfig, vae=None, seconds=2.0, pro
     rows = [np.concatenate(list(f), axis=1) for f in frames]
     iio.imwrite(path + ".tmp", np.concatenate(rows, axis=0).repeat(2, 0).repeat(2, 1), extension=".png")
     os.replace(path + ".tmp", path)
-
-
-def object_weight(clips: torch.Tensor, weight: float, factor: int) -> torch.Tensor:
-    """Per-cell loss weights (B, F, 1, H/factor, W/factor) of ToyWorld pixel clips (B, F, 3, H, W): `weight` where
-    a cell (factor x factor pixels: a latent cell of the frame VAE) holds any object pixel, 1 elsewhere. Objects
-    are a few percent of the pixels but all of what a caption asks for, and a plain mean spends the model's
-    capacity on the backdrop first (docs/cpu-recipe.md, section 7)."""
-    mask = torch.from_numpy(object_mask(clips.cpu().numpy())).float()   # (B, F, H, W)
-    cells = F.max_pool2d(mask.flatten(0, 1)[:, None], factor).unflatten(0, mask.shape[:2])   # (B, F, 1, h, w)
-    return 1 + (weight - 1) * cells.to(clips.device)
-
-
-def first_chunk_step(share: float, step: int) -> bool:
-    """Whether `step` trains on single chunks: evenly spread, `share` of all steps, the same after --resume."""
-    return math.floor((step + 1) * share) > math.floor(step * share)
-
-
-def single_chunks(x, tokens, weight, chunk: int):
-    """Cut clips x (B, F, ...) into their B * F / chunk chunks, each a clip of its own, with its clip's prompt
-    tokens (B, L) and loss weights. Only the first chunk of a clip is drawn with no history, a quarter of an
-    8-frame clip's loss: these steps teach drawing the caption's scene from nothing, which is all the first
-    second of a stream asks."""
-    n = x.shape[1] // chunk
-    cut = lambda t: None if t is None else t.reshape(-1, chunk, *t.shape[2:])   # (B * n, chunk, ...)
-    return cut(x), tokens.repeat_interleave(n, 0), cut(weight)
 
 
 def learning_rate(args, step: int) -> float:

@@ -397,12 +397,12 @@ def test_ddp_two_processes_keep_identical_weights_and_draw_their_own_noise(tmp_p
 
 
 def test_first_chunk_steps_cut_clips_into_history_free_chunks():
-    import train
-    steps = [s for s in range(400) if train.first_chunk_step(0.25, s)]
+    from forcing import first_chunk_step, single_chunks
+    steps = [s for s in range(400) if first_chunk_step(0.25, s)]
     assert len(steps) == 100 and {b - a for a, b in zip(steps, steps[1:])} == {4}   # evenly spread
     x = torch.arange(2 * 8 * 3.0).reshape(2, 8, 3)   # two clips of 8 frames
     tokens, weight = torch.tensor([[5, 6], [7, 8]]), torch.rand(2, 8, 1)
-    cx, ct, cw = train.single_chunks(x, tokens, weight, 2)
+    cx, ct, cw = single_chunks(x, tokens, weight, 2)
     assert cx.shape == (8, 2, 3) and ct.shape == (8, 2) and cw.shape == (8, 2, 1)
     for i in range(8):   # clip i // 4, its chunk i % 4, with that clip's prompt
         b, c = divmod(i, 4)
