@@ -435,6 +435,16 @@ def object_mask(clips: np.ndarray) -> np.ndarray:
     return (px[..., None, :, :, :] == pal).all(-3).any(-3)
 
 
+def colour_lines() -> tuple[np.ndarray, np.ndarray]:
+    """float64 [K, 3] starts and ends of the lines in RGB space that hold every colour a ToyWorld frame can show,
+    each colour being start + f (end - start) for one line and some f in [0, 1] (up to rounding): each palette
+    colour and the occluder (lines of length 0), then each backdrop's line from its base to its shade, which holds
+    its pattern's two colours and every colour of its gradient. Lines of length 0 come first."""
+    points = np.array([*PALETTE.values(), OCCLUDER_RGB], np.float64)
+    bases = np.array(list(BACKDROP_COLOURS.values()), np.float64)
+    return np.concatenate([points, bases]), np.concatenate([points, bases * BACKDROP_SHADE])
+
+
 # -----------------------------------------------------------------------------
 # a folder of the user's own videos (--data DIR)
 
