@@ -45,7 +45,7 @@ from forcing import (LOSSES, METHODS, ResamplingConfig, first_chunk_step, object
 from memory import MemoryConfig
 from model import DiT, DiTConfig, pick_device
 from rollout import rollout
-from vae import VAEConfig, VAETraining, load_vae, train_vae, vae_state
+from vae import VAEConfig, VAETraining, load_vae, read_vae, train_vae, vae_state
 
 DMD = DISTILLED + (CONTEXT,)             # the methods that train by DMD (a score and a critic)
 FINE_TUNED = (ODE, CONTEXT_TEACHER) + DMD   # the methods that start from a trained causal model (--init)
@@ -62,12 +62,13 @@ PRESETS = {   # model preset -> training hyper-parameters
 RECIPE = {    # model preset -> what no flag changes: noise schedule, precision on the CPU, the frame VAE
     # shift: timestep shift of the training noise levels and of sampling (stored in the checkpoint). 3.0 is
     #   Wan's, for 480p latents; at 16-64 tokens a frame shift 1 trains a better model (docs/cpu-recipe.md)
-    # bf16: bf16 autocast on the CPU too (always on CUDA); vae_steps: train a frame VAE first (0 = pixels)
+    # bf16: bf16 autocast on the CPU too (always on CUDA); vae_steps: train a frame VAE first (0 = pixels);
+    #   colour_steps: then a colour decoder for its frozen encoder (vae.py; 0 = keep the RGB decoder)
     # sampler: the Euler steps and guidance sample.py uses for the model unless told otherwise
-    "tiny":  dict(shift=1.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
-    "cpu":   dict(shift=1.0, bf16=True,  vae_steps=4000, sampler=dict(steps=8, cfg=1.5)),
-    "small": dict(shift=1.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
-    "wan":   dict(shift=3.0, bf16=False, vae_steps=0,    sampler=dict(steps=16, cfg=3.0)),
+    "tiny":  dict(shift=1.0, bf16=False, vae_steps=0,    colour_steps=0,    sampler=dict(steps=16, cfg=3.0)),
+    "cpu":   dict(shift=1.0, bf16=True,  vae_steps=4000, colour_steps=4000, sampler=dict(steps=8, cfg=3.0)),
+    "small": dict(shift=1.0, bf16=False, vae_steps=0,    colour_steps=0,    sampler=dict(steps=16, cfg=3.0)),
+    "wan":   dict(shift=3.0, bf16=False, vae_steps=0,    colour_steps=0,    sampler=dict(steps=16, cfg=3.0)),
 }
 DISTILL = {   # model preset -> the fine-tunes' (FINE_TUNED) values of the same flags, in place of PRESETS'
     "tiny":  dict(lr=1e-4, steps=100,  warmup=0, ema=0.99, log_every=10, save_every=50),
@@ -370,30 +371,34 @@ def distilled_vae(student: dict, score: dict):
         raise SystemExit("train.py: error: --score and the student do not model the same frames (one is latent)")
     if "vae" not in student:
         return None
-    a, b = student["vae"]["state"], score["vae"]["state"]
+    # the encoder and its statistics define the latent space; the decoders may differ (RGB or colour)
+    a, b = ({k: v for k, v in m["vae"]["state"].items() if k.startswith("encoder.") or k in ("shift", "scale")}
+            for m in (student, score))
     if a.keys() != b.keys() or any(not torch.allclose(a[k].float(), b[k].float(), atol=1e-2) for k in a):
         raise SystemExit("train.py: error: --score and the student were trained on the latents of different VAEs")
     return load_vae(student["vae"])
 
 
-def frame_vae(args, steps: int, ddp: bool, init: dict | None):
+def frame_vae(args, steps: int, colour_steps: int, ddp: bool, init: dict | None):
     """The frame VAE of a latent preset: --vae, the --init model's (or, resuming, the run's own), or the one this run
-    trained into OUT/vae (trained now if missing)."""
+    trained into OUT/vae, with its colour decoder from OUT/vae-colours if the preset has one (trained now if
+    missing)."""
     found = init if init is not None else load_checkpoint(latest_checkpoint(args.out)) if args.resume and \
         latest_checkpoint(args.out) else None
     if not args.vae and found is not None and "vae" in found:
         return load_vae(found["vae"])
     if args.vae:
-        try:
-            state = torch.load(args.vae, map_location="cpu", weights_only=True)
-            return load_vae(state["vae"] if "vae" in state else state)   # a vae.pt, or a latent model's checkpoint
-        except Exception as e:
-            raise SystemExit(f"train.py: error: cannot read --vae {args.vae}: {type(e).__name__}: {e}")
+        return read_vae(args.vae, "train.py")   # a vae.pt, or a latent model's checkpoint
     if ddp:
         raise SystemExit("train.py: error: train the frame VAE first (python vae.py --out runs/vae) and pass --vae")
+    log = lambda line: print(line, flush=True)
     print(f"stage 1: the frame VAE ({steps} steps), into {os.path.join(args.out, 'vae')}", flush=True)
-    return train_vae(os.path.join(args.out, "vae"), VAEConfig(), VAETraining(steps=steps, seed=args.seed),
-                     log=lambda line: print(line, flush=True))
+    vae = train_vae(os.path.join(args.out, "vae"), VAEConfig(), VAETraining(steps=steps, seed=args.seed), log=log)
+    if not colour_steps or args.data:   # a colour decoder draws only ToyWorld's colours: not for --data videos
+        return vae
+    out = os.path.join(args.out, "vae-colours")
+    print(f"stage 1b: its colour decoder ({colour_steps} steps, the encoder frozen), into {out}", flush=True)
+    return train_vae(out, vae.cfg, VAETraining(steps=colour_steps, seed=args.seed), log=log, init=vae)
 
 
 def gather(obj, ddp: bool) -> list:
@@ -450,7 +455,7 @@ def train(args, init: dict | None = None):
         vae = distilled_vae(init if init is not None else load_checkpoint(latest_checkpoint(args.out)), score_ckpt)
         vae = vae.to(device) if vae else None
     elif args.vae or recipe["vae_steps"]:   # a latent model: its frame VAE first (trained here unless given)
-        vae = frame_vae(args, recipe["vae_steps"], ddp, init).to(device)
+        vae = frame_vae(args, recipe["vae_steps"], recipe["colour_steps"], ddp, init).to(device)
         if vae.cfg.latent != cfg.channels:
             raise SystemExit(f"train.py: error: the VAE has {vae.cfg.latent} latent channels, --{args.preset} "
                              f"models {cfg.channels}")

@@ -20,7 +20,8 @@ def preset_card() -> str:
     """The README's one-line description of the --cpu preset, built from the values the code uses."""
     c, p, r, v = DiTConfig.preset("cpu"), train.PRESETS["cpu"], train.RECIPE["cpu"], VAEConfig()
     return (f"a frame VAE ({r['vae_steps']:,} steps; {c.height * 2 ** v.downs}x{c.height * 2 ** v.downs}x3 frames "
-            f"-> {c.height}x{c.width}x{v.latent} latents), then a DiT of dim {c.dim}, depth {c.depth}, {c.heads} heads, "
+            f"-> {c.height}x{c.width}x{v.latent} latents) and its colour decoder ({r['colour_steps']:,} steps), "
+            f"then a DiT of dim {c.dim}, depth {c.depth}, {c.heads} heads, "
             f"{c.patch}x{c.patch} latent patches ({c.tokens_per_frame} tokens a frame), chunks of {c.chunk}, "
             f"{c.frames}-frame clips: {p['steps']:,} steps of batch {p['batch']}, lr {p['lr']:g} (cosine to "
             f"{train.LR_FLOOR:g}x), EMA {p['ema']:g}, shift {r['shift']:g}, bf16 autocast")
@@ -36,6 +37,7 @@ def test_shipped_default_loads_safely_and_streams_with_default_settings(tmp_path
     ckpt = torch.load(DEFAULT_CKPT, map_location="cpu", weights_only=True)   # plain tensors and dicts only
     assert ckpt["method"] == "resampling" and ckpt["config"] == vars(DiTConfig.preset("cpu"))
     assert ckpt["sampler"] == train.RECIPE["cpu"]["sampler"]   # what the preset command writes into its model
+    assert ckpt["vae"]["config"]["colours"] == bool(train.RECIPE["cpu"]["colour_steps"])
     assert os.path.getsize(DEFAULT_CKPT) < 16 * 2**20
     out = tmp_path / "v.mp4"
     c = DiTConfig.preset("cpu")
