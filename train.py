@@ -148,6 +148,10 @@ def parse(argv=None):
                    help="teacher, diffusion, resampling: this share of the steps trains the clips cut into single "
                         "chunks, each drawn from the caption alone with no history (an ablation, off by default: "
                         "docs/cpu-recipe.md, section 9)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="teacher, diffusion, resampling, bidirectional: training clip length in frames, the model's "
+                        "trained range and so the context it streams with (default: the preset's; a whole number "
+                        "of chunks)")
     rs = p.add_argument_group("resampling")
     rs.add_argument("--resample-mode", default="autoregressive", choices=("autoregressive", "parallel", "noise"),
                     help="how the history is degraded (the rows of the paper's Table 2)")
@@ -210,13 +214,24 @@ def plan_stages(args):
                                     os.path.dirname(student), ["--method", "self", "--init", args.base]))
 
 
+def clip_config(args) -> DiTConfig:
+    """The preset's model, with --frames as its training clip (its trained range) when given."""
+    cfg = DiTConfig.preset(args.preset)
+    cfg.frames = args.frames or cfg.frames
+    return cfg
+
+
 def check(args) -> dict | None:
     """Refuse bad input with one line, before anything is built or written. Returns the --init checkpoint."""
     if args.method not in TRAINED:
         raise SystemExit(f"train.py: error: unknown --method {args.method!r} (available: {', '.join(TRAINED)})")
     if min(args.steps, args.batch, args.log_every, args.save_every) < 1 or args.lr <= 0 or args.warmup < 0:
         raise SystemExit("train.py: error: --steps, --batch, --lr, --log-every and --save-every must be positive")
-    cfg = DiTConfig.preset(args.preset)
+    cfg = clip_config(args)
+    if args.frames is not None and (args.method not in METHODS or args.frames < 2 * cfg.chunk
+                                    or args.frames % cfg.chunk):
+        raise SystemExit(f"train.py: error: --frames must be a whole number of chunks ({cfg.chunk} frames), at least "
+                         f"two, and is for the methods that train from nothing ({', '.join(METHODS)})")
     history = cfg.frames - cfg.chunk   # history frames the last chunk of a training clip has
     if not 0 <= args.route_sink <= history:
         raise SystemExit(f"train.py: error: --route-sink must be in 0..{history} (the history of a training clip)")
@@ -435,7 +450,7 @@ def train(args, init: dict | None = None):
     torch.backends.cudnn.allow_tf32 = True
     lock = lock_run_directory(args.out) if master else None
 
-    cfg = DiTConfig.preset(args.preset)
+    cfg = clip_config(args)
     cfg.topk, cfg.route_sink = args.topk, args.route_sink
     recipe = RECIPE[args.preset]
     vae, distilling, ode = None, args.method in DMD, args.method == ODE

@@ -227,6 +227,8 @@ BAD_INPUT = [
     ("train.py --method self --tiny --score {ckpt} --init {ckpt}", "bidirectional"),
     ("train.py --tiny --topk 7", "--topk 7", "history frames"),
     ("train.py --tiny --route-sink 9", "--route-sink"),
+    ("train.py --tiny --frames 5", "--frames", "whole number of chunks"),
+    ("train.py --method ode --tiny --init {ckpt} --frames 8", "--frames"),
     ("train.py --tiny --batch 1000000000", "--batch", "GiB"),
     ("train.py --tiny --device tpu", "--device"),
     ("train.py --tiny --device cuda", "no CUDA"),
@@ -410,13 +412,14 @@ def test_first_chunk_steps_cut_clips_into_history_free_chunks():
         assert torch.equal(cw[i], weight[b, 2 * c:2 * c + 2])
 
 
-def test_resampling_trains_end_to_end_then_streams(tmp_path):
+def test_resampling_trains_end_to_end_on_longer_clips_then_streams(tmp_path):
     out = str(tmp_path / "rs")
     r = run("train.py", "--method", "resampling", "--tiny", "--steps", "4", "--resample-warmup", "1", "--topk", "1",
-            "--out", out)
+            "--frames", "12", "--out", out)
     assert r.returncode == 0, r.stderr
+    assert "12 frames x" in r.stdout   # the clips it trained on, not only the stored config
     ckpt = torch.load(os.path.join(out, "ckpt_0000004.pt"), weights_only=True)
-    assert ckpt["method"] == "resampling" and ckpt["config"]["topk"] == 1
+    assert ckpt["method"] == "resampling" and ckpt["config"]["topk"] == 1 and ckpt["config"]["frames"] == 12
     r = run("sample.py", "--ckpt", out, "--seconds", "1", "--topk", "2", "--out", str(tmp_path / "rs.mp4"))
     assert r.returncode == 0 and "top-k 2" in r.stdout, r.stderr
     assert sum(1 for _ in imageio.get_reader(str(tmp_path / "rs.mp4"))) == 16
