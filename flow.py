@@ -35,10 +35,18 @@ def to_x0(x_t, sigma, v):
     return x_t - expand(sigma) * v
 
 
-def chunk_sigma(batch: int, frames: int, chunk: int, shift: float, device, generator=None) -> torch.Tensor:
-    """Training noise levels (B, F): one shifted-uniform sigma per chunk, shared by its frames."""
-    u = torch.rand(batch, frames // chunk, device=device, generator=generator)
-    return shift_sigma(u, shift).repeat_interleave(chunk, dim=1)
+def training_sigma(shape, shift: float, device, generator=None, logit_normal: bool = False) -> torch.Tensor:
+    """Training noise levels: uniform, or logit-normal (sigmoid of a standard normal, SD3's choice, which spends
+    training on the middle levels and little near 0 and 1), then the timestep shift."""
+    u = (torch.sigmoid(torch.randn(shape, device=device, generator=generator)) if logit_normal
+         else torch.rand(shape, device=device, generator=generator))
+    return shift_sigma(u, shift)
+
+
+def chunk_sigma(batch: int, frames: int, chunk: int, shift: float, device, generator=None,
+                logit_normal: bool = False) -> torch.Tensor:
+    """Training noise levels (B, F): one sigma per chunk, shared by its frames."""
+    return training_sigma((batch, frames // chunk), shift, device, generator, logit_normal).repeat_interleave(chunk, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from data import object_mask
-from flow import add_noise, chunk_sigma, expand, shift_sigma
+from flow import add_noise, chunk_sigma, expand, training_sigma
 from memory import KVCache, MemoryConfig
 from rollout import recache
 
@@ -55,21 +55,21 @@ def flow_loss(model, x0, sigma, tokens, generator=None, weight=None, **layout):
     return (weight * err).sum() / weight.sum()
 
 
-def teacher_loss(model, x0, tokens, shift: float, generator=None, history=None, weight=None):
+def teacher_loss(model, x0, tokens, shift: float, generator=None, history=None, weight=None, logit_normal=False):
     """history: what the clean half shows (default the ground truth x0); the target is always x0."""
-    sigma = chunk_sigma(*x0.shape[:2], model.cfg.chunk, shift, x0.device, generator)
+    sigma = chunk_sigma(*x0.shape[:2], model.cfg.chunk, shift, x0.device, generator, logit_normal)
     return flow_loss(model, x0, sigma, tokens, generator, weight, layout="teacher_forcing",
                      clean=x0 if history is None else history)
 
 
-def diffusion_loss(model, x0, tokens, shift: float, generator=None, weight=None):
-    sigma = chunk_sigma(*x0.shape[:2], model.cfg.chunk, shift, x0.device, generator)
+def diffusion_loss(model, x0, tokens, shift: float, generator=None, weight=None, logit_normal=False):
+    sigma = chunk_sigma(*x0.shape[:2], model.cfg.chunk, shift, x0.device, generator, logit_normal)
     return flow_loss(model, x0, sigma, tokens, generator, weight, layout="block_causal")
 
 
-def bidirectional_loss(model, x0, tokens, shift: float, generator=None, weight=None):
-    u = torch.rand(x0.shape[0], 1, device=x0.device, generator=generator)   # one sigma for the whole clip
-    return flow_loss(model, x0, shift_sigma(u, shift).expand(x0.shape[:2]), tokens, generator, weight,
+def bidirectional_loss(model, x0, tokens, shift: float, generator=None, weight=None, logit_normal=False):
+    sigma = training_sigma((x0.shape[0], 1), shift, x0.device, generator, logit_normal)   # one for the whole clip
+    return flow_loss(model, x0, sigma.expand(x0.shape[:2]), tokens, generator, weight,
                      layout="bidirectional")
 
 
@@ -86,7 +86,7 @@ class ResamplingConfig:
 
 def simulation_timestep(batch: int, shift: float, device, generator=None) -> torch.Tensor:
     """t_s (B,): sigmoid of a standard normal (logit-normal), then the timestep shift (paper eq. 7)."""
-    return shift_sigma(torch.sigmoid(torch.randn(batch, device=device, generator=generator)), shift)
+    return training_sigma(batch, shift, device, generator, logit_normal=True)
 
 
 @torch.no_grad()
@@ -126,7 +126,7 @@ def resample_history(model, x0, tokens, ts, cfg: ResamplingConfig, generator=Non
     return torch.cat(out + [x0[:, Fr - chunk:]], dim=1)
 
 
-def resampling_loss(model, x0, tokens, shift: float, generator=None, weight=None,
+def resampling_loss(model, x0, tokens, shift: float, generator=None, weight=None, logit_normal=False,
                     cfg: ResamplingConfig = ResamplingConfig(), resampler=None):
     """Teacher forcing with the self-resampled history in the clean half and the ground truth as target.
 
@@ -136,7 +136,7 @@ def resampling_loss(model, x0, tokens, shift: float, generator=None, weight=None
     history = resample_history(resampler or model, x0, tokens, ts, cfg, generator)
     # every mode labels its history clean (sigma 0), as the re-cached history is labelled at inference: the noise
     # row is the paper's noise-augmentation baseline, a model that learns to read a noisier history than it gets
-    return teacher_loss(model, x0, tokens, shift, generator, history=history, weight=weight)
+    return teacher_loss(model, x0, tokens, shift, generator, history=history, weight=weight, logit_normal=logit_normal)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -148,6 +148,9 @@ def parse(argv=None):
                    help="teacher, diffusion, resampling: this share of the steps trains the clips cut into single "
                         "chunks, each drawn from the caption alone with no history (an ablation, off by default: "
                         "docs/cpu-recipe.md, section 9)")
+    p.add_argument("--logit-normal", action="store_true",
+                   help="flow-matching methods: training noise levels logit-normal (SD3) instead of uniform, before "
+                        "the shift (an ablation, off by default: docs/cpu-recipe.md, section 12)")
     p.add_argument("--frames", type=int, default=None,
                    help="teacher, diffusion, resampling, bidirectional: training clip length in frames, the model's "
                         "trained range and so the context it streams with (default: the preset's; a whole number "
@@ -247,6 +250,8 @@ def check(args) -> dict | None:
     if not 0 <= args.first_chunks <= 1 or args.first_chunks and args.method not in STREAMED:
         raise SystemExit(f"train.py: error: --first-chunks is a share of the steps in [0, 1], for the causal "
                          f"flow-matching methods ({', '.join(STREAMED)})")
+    if args.logit_normal and args.method not in METHODS:
+        raise SystemExit(f"train.py: error: --logit-normal is for the flow-matching methods ({', '.join(METHODS)})")
     if args.object_weight != 1 and (args.method not in METHODS or args.data or args.object_weight <= 0):
         raise SystemExit("train.py: error: --object-weight must be positive and is for the flow-matching methods "
                          f"({', '.join(METHODS)}) on ToyWorld, whose objects it can find")
@@ -558,7 +563,8 @@ def train(args, init: dict | None = None):
                 elif bank is not None:
                     loss = context_teacher_loss(net, x, tokens, recipe["shift"], context_memory(cfg), bank)
                 else:
-                    loss = (teacher_loss if warming_up else loss_fn)(net, x, tokens, recipe["shift"], weight=weight)
+                    loss = (teacher_loss if warming_up else loss_fn)(net, x, tokens, recipe["shift"], weight=weight,
+                                                                     logit_normal=args.logit_normal)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

@@ -229,6 +229,7 @@ BAD_INPUT = [
     ("train.py --tiny --route-sink 9", "--route-sink"),
     ("train.py --tiny --frames 5", "--frames", "whole number of chunks"),
     ("train.py --method ode --tiny --init {ckpt} --frames 8", "--frames"),
+    ("train.py --method ode --tiny --init {ckpt} --logit-normal", "--logit-normal", "flow-matching"),
     ("train.py --tiny --batch 1000000000", "--batch", "GiB"),
     ("train.py --tiny --device tpu", "--device"),
     ("train.py --tiny --device cuda", "no CUDA"),

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from flow import (SamplerConfig, add_noise, euler_sigmas, few_step_sigmas, sample_euler, sample_few_step, shift_sigma,
-                  to_x0)
+import forcing
+from flow import (SamplerConfig, add_noise, chunk_sigma, euler_sigmas, few_step_sigmas, sample_euler, sample_few_step,
+                  shift_sigma, to_x0)
 from forcing import LOSSES, ResamplingConfig, flow_loss, resample_history
 from memory import MemoryConfig
 from model import DiT, DiTConfig
@@ -31,6 +32,46 @@ def test_samplers_reach_the_target_with_an_exact_model():
     noise = torch.randn_like(target)
     assert torch.allclose(sample_euler(exact_v, noise, euler_sigmas(7, 3.0)), target, atol=1e-5)
     assert torch.allclose(sample_few_step(exact_v, noise, few_step_sigmas((1.0, 0.5), 5.0)), target, atol=1e-5)
+
+
+def test_logit_normal_noise_levels_are_shared_per_chunk_and_centred():
+    sigma = chunk_sigma(4096, 8, 2, 1.0, "cpu", torch.Generator().manual_seed(0), logit_normal=True)
+    assert torch.equal(sigma[:, 0::2], sigma[:, 1::2])   # one level per chunk
+    logit = torch.logit(sigma[:, 0::2].double())
+    assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1) < 0.03   # sigmoid of a standard normal
+    uniform = chunk_sigma(4096, 8, 2, 1.0, "cpu", torch.Generator().manual_seed(0))
+    # logit-normal spends about a third as many draws near the ends as uniform does
+    ends = lambda s: ((s < 0.1) | (s > 0.9)).float().mean()
+    assert ends(sigma) < 0.5 * ends(uniform)
+
+
+@pytest.mark.parametrize("method", sorted(LOSSES))
+def test_every_loss_trains_at_the_logit_normal_levels_when_asked(method, monkeypatch):
+    """The flag reaches the noise levels the model is called at (resampling through its teacher-forcing loss)."""
+    cfg = DiTConfig.preset("tiny")
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cfg = cfg
+
+        def forward(self, x, sigma, tokens, **layout):
+            seen.append(sigma)
+            return torch.zeros_like(x)
+
+    x0 = torch.randn(3, cfg.frames, 3, cfg.height, cfg.width)
+    tokens = torch.randint(2, cfg.vocab, (3, cfg.text_len))
+    monkeypatch.setattr(forcing, "resample_history", lambda model, x0, *a, **k: x0)
+    for logit_normal in (False, True):
+        LOSSES[method](Recorder(), x0, tokens, 1.0, torch.Generator().manual_seed(5), logit_normal=logit_normal)
+    g = torch.Generator().manual_seed(5)
+    if method == "resampling":
+        torch.randn(3, generator=g)   # its simulation timestep t_s is drawn first
+    levels = (3, 1) if method == "bidirectional" else (3, cfg.frames // cfg.chunk)
+    expected = torch.sigmoid(torch.randn(levels, generator=g))
+    expected = expected.expand(3, cfg.frames) if method == "bidirectional" else expected.repeat_interleave(cfg.chunk, 1)
+    assert torch.allclose(seen[1], expected) and not torch.allclose(seen[0], expected)
 
 
 @pytest.mark.parametrize("method", sorted(LOSSES))
