@@ -139,6 +139,7 @@ def test_ode_initialisation_trains_resumes_exactly_and_streams_few_step(trained,
 def test_distillation_without_a_score_trains_one_first(trained, tmp_path, monkeypatch):
     sys.path.insert(0, ROOT)
     import train
+    from model import DiT, DiTConfig
     monkeypatch.setitem(train.SCORE_STEPS, "tiny", 2)   # the budgets, here
     monkeypatch.setitem(train.DISTILL, "tiny", {**train.DISTILL["tiny"], "steps": 2})
     out = str(tmp_path / "self")
@@ -148,7 +149,7 @@ def test_distillation_without_a_score_trains_one_first(trained, tmp_path, monkey
     assert score["method"] == "bidirectional" and score["step"] == 2 and student["method"] == "self"
     assert student["args"]["score"] == os.path.join(out, "score", "model.pt")
     # the score is the student fine-tuned: two steps from its weights, not from a fresh initialisation
-    init, fresh = train.load_checkpoint(trained)["ema"], train.DiT(train.DiTConfig.preset("tiny")).state_dict()
+    init, fresh = train.load_checkpoint(trained)["ema"], DiT(DiTConfig.preset("tiny")).state_dict()
     moved = sum((score["ema"][k].float() - init[k].float()).norm() for k in init)
     assert moved < 0.1 * sum((fresh[k].float() - init[k].float()).norm() for k in init)
 
@@ -290,7 +291,7 @@ def test_unreadable_data_and_missing_default_model(tmp_path):
 
 def test_help_shows_preset_defaults_and_only_the_flags_a_command_takes():
     sys.path.insert(0, ROOT)
-    from train import PRESETS
+    from recipe import PRESETS
     steps = ", ".join(f"{name} {PRESETS[name]['steps']}" for name in ("tiny", "cpu", "small"))
     assert steps in run("train.py", "--help").stdout, steps
     assert "--prompt" not in run("eval.py", "--help").stdout

@@ -8,6 +8,7 @@ import sys
 import imageio.v2 as imageio
 import torch
 
+import recipe
 import train
 from model import DiTConfig
 from sample import DEFAULT_CKPT
@@ -18,13 +19,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def preset_card() -> str:
     """The README's one-line description of the --cpu preset, built from the values the code uses."""
-    c, p, r, v = DiTConfig.preset("cpu"), train.PRESETS["cpu"], train.RECIPE["cpu"], VAEConfig()
+    c, p, r, v = DiTConfig.preset("cpu"), recipe.PRESETS["cpu"], recipe.RECIPE["cpu"], VAEConfig()
     return (f"a frame VAE ({r['vae_steps']:,} steps; {c.height * 2 ** v.downs}x{c.height * 2 ** v.downs}x3 frames "
             f"-> {c.height}x{c.width}x{v.latent} latents) and its colour decoder ({r['colour_steps']:,} steps), "
             f"then a DiT of dim {c.dim}, depth {c.depth}, {c.heads} heads, "
             f"{c.patch}x{c.patch} latent patches ({c.tokens_per_frame} tokens a frame), chunks of {c.chunk}, "
             f"{c.frames}-frame clips: {p['steps']:,} steps of batch {p['batch']}, lr {p['lr']:g} (cosine to "
-            f"{train.LR_FLOOR:g}x), EMA {p['ema']:g}, shift {r['shift']:g}, bf16 autocast")
+            f"{recipe.LR_FLOOR:g}x), EMA {p['ema']:g}, shift {r['shift']:g}, bf16 autocast")
 
 
 def test_cpu_preset_is_what_the_readme_says():
@@ -36,8 +37,8 @@ def test_cpu_preset_is_what_the_readme_says():
 def test_shipped_default_loads_safely_and_streams_with_default_settings(tmp_path):
     ckpt = torch.load(DEFAULT_CKPT, map_location="cpu", weights_only=True)   # plain tensors and dicts only
     assert ckpt["method"] == "resampling" and ckpt["config"] == vars(DiTConfig.preset("cpu"))
-    assert ckpt["sampler"] == train.RECIPE["cpu"]["sampler"]   # what the preset command writes into its model
-    assert ckpt["vae"]["config"]["colours"] == bool(train.RECIPE["cpu"]["colour_steps"])
+    assert ckpt["sampler"] == recipe.RECIPE["cpu"]["sampler"]   # what the preset command writes into its model
+    assert ckpt["vae"]["config"]["colours"] == bool(recipe.RECIPE["cpu"]["colour_steps"])
     assert os.path.getsize(DEFAULT_CKPT) < 16 * 2**20
     out = tmp_path / "v.mp4"
     c = DiTConfig.preset("cpu")
