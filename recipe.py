@@ -22,10 +22,16 @@ STREAMED = ("teacher", "diffusion", "resampling")   # the flow-matching methods 
 
 # ---- the presets: every value of PRESETS and DISTILL is a train.py flag's default ----------------------------
 PRESETS = {   # model preset -> training hyper-parameters
-    "tiny":  dict(batch=8,  lr=1e-3, steps=300,   warmup=20,   ema=0.99,  log_every=20,  save_every=100),
-    "cpu":   dict(batch=8,  lr=1e-3, steps=6000,  warmup=100,  ema=0.998, log_every=25,  save_every=100),
-    "small": dict(batch=32, lr=3e-4, steps=20000, warmup=1000, ema=0.999, log_every=100, save_every=2000),
-    "wan":   dict(batch=1,  lr=2e-6, steps=1000,  warmup=0,    ema=0.99,  log_every=1,   save_every=100),
+    # logit_normal: the flow-matching losses draw their noise levels logit-normal (SD3), not uniform: more of the
+    #   training at the middle levels where a frame's objects are decided (docs/cpu-recipe.md, sections 12-13)
+    "tiny":  dict(batch=8,  lr=1e-3, steps=300,   warmup=20,   ema=0.99,  log_every=20,  save_every=100,
+                  logit_normal=False),
+    "cpu":   dict(batch=8,  lr=1e-3, steps=6000,  warmup=100,  ema=0.998, log_every=25,  save_every=100,
+                  logit_normal=True),
+    "small": dict(batch=32, lr=3e-4, steps=20000, warmup=1000, ema=0.999, log_every=100, save_every=2000,
+                  logit_normal=True),
+    "wan":   dict(batch=1,  lr=2e-6, steps=1000,  warmup=0,    ema=0.99,  log_every=1,   save_every=100,
+                  logit_normal=False),
 }
 RECIPE = {    # model preset -> what no flag changes: noise schedule, precision on the CPU, the frame VAE
     # shift: timestep shift of the training noise levels and of sampling (stored in the checkpoint). 3.0 is
@@ -39,10 +45,11 @@ RECIPE = {    # model preset -> what no flag changes: noise schedule, precision 
     "wan":   dict(shift=3.0, bf16=False, vae_steps=0,    colour_steps=0,    sampler=dict(steps=16, cfg=3.0)),
 }
 DISTILL = {   # model preset -> the fine-tunes' (FINE_TUNED) values of the same flags, in place of PRESETS'
-    "tiny":  dict(lr=1e-4, steps=100,  warmup=0, ema=0.99, log_every=10, save_every=50),
-    "cpu":   dict(lr=1e-4, steps=500,  warmup=0, ema=0.99, log_every=10, save_every=50),
-    "small": dict(lr=2e-5, steps=2000, warmup=0, ema=0.99, log_every=20, save_every=200),
-    "wan":   dict(lr=2e-6, steps=600,  warmup=0, ema=0.99, log_every=1,  save_every=100),
+    # (no flow-matching loss of their own: their noise levels are DMD's, the ODE's or the long-context teacher's)
+    "tiny":  dict(lr=1e-4, steps=100,  warmup=0, ema=0.99, log_every=10, save_every=50,  logit_normal=False),
+    "cpu":   dict(lr=1e-4, steps=500,  warmup=0, ema=0.99, log_every=10, save_every=50,  logit_normal=False),
+    "small": dict(lr=2e-5, steps=2000, warmup=0, ema=0.99, log_every=20, save_every=200, logit_normal=False),
+    "wan":   dict(lr=2e-6, steps=600,  warmup=0, ema=0.99, log_every=1,  save_every=100, logit_normal=False),
 }
 # self, rolling with no score given: the score stage fine-tunes the causal student into the bidirectional score
 SCORE_STEPS = {"tiny": 100, "cpu": 1500, "small": 5000, "wan": 1000}
@@ -58,9 +65,11 @@ GRAD_CLIP = 1.0
 
 
 def preset_defaults(key: str) -> str:
-    text = ", ".join(f"{name} {values[key]:g}" for name, values in PRESETS.items())
+    """The presets' defaults of one flag, for --help."""
+    show = lambda v: ("on" if v else "off") if isinstance(v, bool) else f"{v:g}"
+    text = ", ".join(f"{name} {show(values[key])}" for name, values in PRESETS.items())
     if key in DISTILL["cpu"]:
-        text += f"; {', '.join(FINE_TUNED)}: " + ", ".join(f"{name} {values[key]:g}" for name, values in DISTILL.items())
+        text += f"; {', '.join(FINE_TUNED)}: " + ", ".join(f"{name} {show(values[key])}" for name, values in DISTILL.items())
     if key == "steps":
         text += "; except context-teacher " + ", ".join(f"{n} {v['teacher_steps']}" for n, v in CONTEXT_RECIPE.items()) \
             + ", context " + ", ".join(f"{n} {v['steps']}" for n, v in CONTEXT_RECIPE.items())
@@ -84,6 +93,6 @@ if __name__ == "__main__":
     for name in PRESETS:
         cfg, r = DiTConfig.preset(name), RECIPE[name]
         print(f"--{name}: dim {cfg.dim}, depth {cfg.depth}, {cfg.frames}-frame clips of {cfg.tokens_per_frame} tokens | "
-              + ", ".join(f"{k} {v:g}" for k, v in PRESETS[name].items())
+              + ", ".join(f"{k} {v}" for k, v in PRESETS[name].items())
               + f" | shift {r['shift']:g}, bf16 on the CPU {r['bf16']}, VAE steps {r['vae_steps']}, colour decoder "
               f"steps {r['colour_steps']}, sampling {r['sampler']['steps']} Euler steps at guidance {r['sampler']['cfg']:g}")

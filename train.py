@@ -85,9 +85,9 @@ def parse(argv=None):
                    help="teacher, diffusion, resampling: this share of the steps trains the clips cut into single "
                         "chunks, each drawn from the caption alone with no history (an ablation, off by default: "
                         "docs/cpu-recipe.md, section 9)")
-    p.add_argument("--logit-normal", action="store_true",
+    p.add_argument("--logit-normal", action=argparse.BooleanOptionalAction, default=None,
                    help="flow-matching methods: training noise levels logit-normal (SD3) instead of uniform, before "
-                        "the shift (an ablation, off by default: docs/cpu-recipe.md, section 12)")
+                        f"the shift (default: {preset_defaults('logit_normal')}; docs/cpu-recipe.md, sections 12-13)")
     p.add_argument("--frames", type=int, default=None,
                    help="teacher, diffusion, resampling, bidirectional: training clip length in frames, the model's "
                         "trained range and so the context it streams with (default: the preset's; a whole number "

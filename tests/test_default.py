@@ -11,6 +11,7 @@ import torch
 import recipe
 import train
 from model import DiTConfig
+from trainer import settings
 from sample import DEFAULT_CKPT
 from vae import VAEConfig
 
@@ -25,7 +26,8 @@ def preset_card() -> str:
             f"then a DiT of dim {c.dim}, depth {c.depth}, {c.heads} heads, "
             f"{c.patch}x{c.patch} latent patches ({c.tokens_per_frame} tokens a frame), chunks of {c.chunk}, "
             f"{c.frames}-frame clips: {p['steps']:,} steps of batch {p['batch']}, lr {p['lr']:g} (cosine to "
-            f"{recipe.LR_FLOOR:g}x), EMA {p['ema']:g}, shift {r['shift']:g}, bf16 autocast")
+            f"{recipe.LR_FLOOR:g}x), EMA {p['ema']:g}, shift {r['shift']:g}"
+            f"{', logit-normal noise levels' if p['logit_normal'] else ''}, bf16 autocast")
 
 
 def test_cpu_preset_is_what_the_readme_says():
@@ -39,6 +41,8 @@ def test_shipped_default_loads_safely_and_streams_with_default_settings(tmp_path
     assert ckpt["method"] == "resampling" and ckpt["config"] == vars(DiTConfig.preset("cpu"))
     assert ckpt["sampler"] == recipe.RECIPE["cpu"]["sampler"]   # what the preset command writes into its model
     assert ckpt["vae"]["config"]["colours"] == bool(recipe.RECIPE["cpu"]["colour_steps"])
+    # trained by the preset command: every setting that shapes the weights is the one it takes today
+    assert ckpt["args"] == settings(train.parse(["--method", "resampling", "--cpu"]))
     assert os.path.getsize(DEFAULT_CKPT) < 16 * 2**20
     out = tmp_path / "v.mp4"
     c = DiTConfig.preset("cpu")
