@@ -289,6 +289,17 @@ def test_unreadable_data_and_missing_default_model(tmp_path):
         one_line_error(run("sample.py", "--seconds", "1"), "train.py", "--cpu")
 
 
+def test_logit_normal_levels_are_the_presets_default_for_the_flow_matching_methods_only():
+    sys.path.insert(0, ROOT)
+    import train
+    assert train.parse(["--method", "resampling", "--cpu"]).logit_normal
+    assert not train.parse(["--method", "resampling", "--cpu", "--no-logit-normal"]).logit_normal
+    assert not train.parse(["--method", "teacher", "--tiny"]).logit_normal
+    distil = train.parse(["--method", "self", "--cpu"])   # DMD draws its own levels: the preset's must not leak in
+    assert not distil.logit_normal
+    train.check(distil)   # and the one-command distillation is not refused for a flag it was never given
+
+
 def test_help_shows_preset_defaults_and_only_the_flags_a_command_takes():
     sys.path.insert(0, ROOT)
     from recipe import PRESETS
