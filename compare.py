@@ -7,24 +7,31 @@ Compare eval.py runs side by side: one markdown table of the figures and drifts,
 Each argument is LABEL=DIR[,DIR...]: the eval.py output folders (each holds an eval.json) of one model, say one
 per prompt seed. A cell of the table is the mean over that model's folders, "± sd" when there are several (the
 spread over streams, which says how far apart two models must be before the gap means anything). Drift rows are
-eval.py's drift summaries: the mean of a curve over the last WINDOW_S seconds minus over the first. The plot has
+eval.py's drift summaries: the mean of a curve over the last WINDOW_S seconds minus over the first. Drift-share
+rows put the move of a curve between its first and last SHARE_S seconds on the scale from the world's own video to
+noise (metrics.drift_share), for the streams and for the world's own video of the same scenes and length: the
+second says how much of the first the scene itself makes (objects leave the view and come back, so even the
+world's own count moves). They need eval.json's "world" entry, from which the scene is rendered again. The plot has
 one panel per per-frame curve, one line per model: each stream's curve as a WINDOW_S-second moving mean, then
 averaged over the model's streams; the panels share their y-range across models.
 """
 
 import argparse
 import json
+import math
 import os
 
 import numpy as np
 
-from metrics import WINDOW_S, mean, panel
+from data import ToyWorld, WorldConfig
+from metrics import SHARE_S, WINDOW_S, drift_share, evaluate, mean, noise_figures, panel
 from sample import output_path
 
 FIGURES = ("palette_fidelity", "colour_drift", "count_error", "background_error", "flicker", "motion_retention",
            "teleport_rate", "identity_match")
 NEWER = ("prompt_colour", "prompt_shape")   # figures an older eval.json lacks: shown as "-" for it
 CURVES = ("palette_fidelity", "colour_drift", "count_error", "background_error", "flicker")
+SHARED = ("palette_fidelity", "count_error", "background_error", "flicker")   # noise has no objects: no colour drift
 LINE_COLOURS = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (210, 130, 0), (140, 60, 180), (0, 160, 170),
                 (90, 90, 90), (230, 90, 160)]
 
@@ -81,6 +88,41 @@ def cell(values):
             (f" ({len(v)} of {n})" if len(v) < n else ""))   # the other streams leave it undefined
 
 
+def share_cell(values):
+    """Mean and largest of the finite shares, in percent, and how many when not all are defined."""
+    v = np.asarray(values, float)
+    n, v = len(v), v[np.isfinite(v)]
+    if not len(v):
+        return "-"
+    return f"{100 * v.mean():.1f}% (max {100 * v.max():.0f}%)" + (f" ({len(v)} of {n})" if len(v) < n else "")
+
+
+def world_of(run):
+    """The ToyWorld scene an eval.json scored, rendered from its "world" entry; None for a result without one."""
+    w = run.get("world")
+    if not w:
+        return None
+    world = ToyWorld(w["seed"], WorldConfig(size=w["size"], deterministic=w["deterministic"],
+                                            horizon_s=WorldConfig.horizon_s if w["events"] else 0.0))
+    if world.caption(0) != w["caption"] or len(world.events) != w["events"]:
+        fail(f"cannot rebuild the scene of a result (seed {w['seed']}): its caption or events differ")
+    return world
+
+
+def shares(run, cache):
+    """{curve: (drift share of the run's stream, drift share of the world's own video)}, or None without a scene.
+    cache holds the world's own scores per scene and length, shared by every model streamed on it."""
+    world = world_of(run)
+    if world is None:
+        return None
+    key = (json.dumps(run["world"], sort_keys=True), run["frames"], run["fps"])
+    if key not in cache:
+        cache[key] = evaluate(world.render(0, run["frames"]), world, run["fps"]), noise_figures(world)
+    own, noise = cache[key]
+    return {name: tuple(drift_share(c, run["fps"], own["figures"][name], noise[name])
+                        for c in (run["curves"][name], own["curves"][name])) for name in SHARED}
+
+
 def table(models) -> str:
     labels = list(models)
     rows = ["| metric | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
@@ -89,6 +131,13 @@ def table(models) -> str:
     for name in CURVES:
         rows.append(f"| {name}: drift (last {WINDOW_S:g} s - first) | " +
                     " | ".join(cell([r["drift"][name]["delta"] for r in models[m]]) for m in labels) + " |")
+    cache = {}
+    both = {m: [shares(r, cache) for r in models[m]] for m in labels}
+    for name in SHARED:
+        for i, whose in enumerate(("stream", "world's own")):
+            rows.append(f"| {name}: drift share, {whose} (last {SHARE_S:g} s against first, of world-to-noise) | " +
+                        " | ".join(share_cell([s[name][i] if s else math.nan for s in both[m]]) for m in labels) +
+                        " |")
     streams = {len(v) for v in models.values()}
     seconds = {r["frames"] / r["fps"] for v in models.values() for r in v}
     rows.append(f"\n{'/'.join(map(str, sorted(streams)))} stream(s) per model, "

@@ -10,7 +10,8 @@ offline, the same for every method. What is measured (each function's docstring 
               after a teacher-forced start
   per video   motion retention, teleport rate, identity after a gap (by gap length), frames to follow a new
               caption (prompt switch), PSNR and SSIM by horizon
-  per curve   drift: first 5 s against last 5 s, signed and absolute (Rolling Forcing), slope per minute
+  per curve   drift: first 5 s against last 5 s, signed and absolute (Rolling Forcing), slope per minute; drift
+              share: first 10 s against last 10 s, as a share of the distance from the world's own video to noise
 A run writes into --out eval.json (figures, curves, drift, gaps, switches, and "reference": the same figures for
 the world's own video of the same length, the ideal to read them against) and eval.png (frames from the first,
 middle and last second above the curves).
@@ -48,6 +49,8 @@ FILL_SQUARE, FILL_CIRCLE = 0.92, 0.65   # bounding-box fill: square 1.0, circle 
 COLOUR_MATCH = 20.0   # an object's mean colour before and after a gap must be this close
 SPEED_SLACK = 3.0     # px/frame over the world's fastest object before a step is a teleport (rounding + pan step)
 WINDOW_S = 5.0        # first/last window of the drift summaries (Rolling Forcing's 5 s)
+SHARE_S = 10.0        # first/last window of the drift share: 10 s hold enough objects for a count to settle
+NOISE_FRAMES = 160    # frames of uniform random pixels that set the far end of the drift share
 RETENTION_S = 20.0    # first/last window of motion retention: long enough that objects of a panning world are seen
 MIN_STEPS = 16        # clean object steps motion retention needs in each window
 GAP_BUCKETS = ((1.0, "<1s"), (5.0, "1-5s"), (20.0, "5-20s"), (math.inf, ">=20s"))   # upper ends in seconds
@@ -347,6 +350,16 @@ def drift(curve, fps):
     return {"first": first, "last": last, "delta": last - first, "abs_delta": abs(last - first), "slope_per_min": slope}
 
 
+def drift_share(curve, fps, world_value, noise_value):
+    """|mean over the last SHARE_S seconds - mean over the first| of a per-frame curve (each window at most half
+    the video; NaN frames skipped), as a share of |noise_value - world_value|: 0 holds still, 1 has moved as far
+    as the world's own video is from noise. NaN where the curve or that distance leaves it undefined."""
+    y = np.asarray(curve, float)
+    w = max(1, min(round(SHARE_S * fps), len(y) // 2))
+    scale = abs(noise_value - world_value)
+    return abs(mean(y[-w:]) - mean(y[:w])) / scale if scale > 0 else math.nan
+
+
 # ---- scoring a whole video --------------------------------------------------------------------------------------
 
 def measure(frames, backdrop, min_area):
@@ -407,6 +420,14 @@ def evaluate(frames, world, fps, tf_start=0):
             curves[name] = np.r_[np.full(tf_start, np.nan), c]
     result.update(drift=summaries, curves=curves)
     return result
+
+
+def noise_figures(world, seed=0):
+    """The figures of NOISE_FRAMES frames of uniform random pixels scored against `world`'s scene: the far end
+    that drift_share measures against."""
+    S = world.cfg.size
+    frames = np.random.default_rng(seed).integers(0, 256, (NOISE_FRAMES, S, S, 3), dtype=np.uint8)
+    return evaluate(frames, world, world.cfg.fps)["figures"]
 
 
 # ---- drawing: the PNG, with PIL alone (matplotlib is not a dependency) -----------------------------------------

@@ -378,3 +378,23 @@ def test_compare_averages_streams_and_draws_every_model(seed3, tmp_path):
     with pytest.raises(SystemExit) as e:
         compare.main([f"x={tmp_path / 'missing'}"])
     assert "cannot read" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_drift_share_puts_a_stream_on_the_scale_from_the_world_to_noise(seed3):
+    import compare
+
+    world, frames, _ = seed3
+    spoilt = frames.copy()
+    spoilt[-160:] = np.random.default_rng(1).integers(0, 256, spoilt[-160:].shape, dtype=np.uint8)   # last 10 s: noise
+    scene = {"seed": 3, "size": 32, "deterministic": False, "events": len(world.events), "caption": world.caption(0)}
+    runs = [{**E.plain(M.evaluate(f, world, FPS)), "frames": len(f), "fps": FPS, "world": scene} for f in (frames, spoilt)]
+    cache = {}
+    own, bad = (compare.shares(r, cache) for r in runs)
+    assert len(cache) == 1   # the scene is rendered again and scored once for both streams
+    for name in compare.SHARED:   # the world's own stream moves exactly as far as the world rendered again
+        np.testing.assert_allclose(own[name][0], own[name][1])
+    for name in ("palette_fidelity", "background_error"):   # ends in noise: moved the whole way; the world did not
+        assert bad[name][0] > 0.8 and bad[name][1] < 0.05, (name, bad[name])
+    with pytest.raises(SystemExit) as e:
+        compare.shares({**runs[0], "world": {**scene, "caption": "a red square over blue dots"}}, {})
+    assert "cannot rebuild the scene" in str(e.value.code) and "\n" not in str(e.value.code)
