@@ -20,6 +20,7 @@ import argparse
 import os
 import signal
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -211,7 +212,9 @@ def check(args) -> dict | None:
         return None
     try:
         init = load_checkpoint(args.init)
-        check_same_model(init, cfg)
+        # --frames with --init: the same weights trained on other clip lengths (time positions are RoPE angles,
+        # not weights), e.g. a model that draws the world fine-tuned on longer clips for a longer context
+        check_same_model(init, replace(cfg, frames=init["config"]["frames"]) if args.frames else cfg)
     except CheckpointError as e:
         raise SystemExit(f"train.py: error: --init: {e}")
     return init

@@ -52,15 +52,20 @@ def test_train_then_sample_gives_exact_frame_count(trained, tmp_path):
     assert not any(p.endswith(".part.mp4") for p in os.listdir(tmp_path))
 
 
-def test_init_starts_from_the_checkpoints_ema_weights(trained, tmp_path):
+@pytest.mark.parametrize("frames", [None, 12])
+def test_init_starts_from_the_checkpoints_ema_weights(trained, tmp_path, frames):
+    """Also with --frames: the same weights fine-tuned on longer clips (their trained range becomes the clip's)."""
     sys.path.insert(0, ROOT)
     import train
     from checkpoint import load_checkpoint
-    args = train.parse(["--tiny", "--steps", "1", "--lr", "1e-12", "--warmup", "0", "--init", trained,
+    longer = ["--frames", str(frames)] if frames else []
+    args = train.parse(["--tiny", "--steps", "1", "--lr", "1e-12", "--warmup", "0", "--init", trained, *longer,
                         "--out", str(tmp_path / "run"), "--device", "cpu"])
     model = train.train(args, train.check(args))
-    start = load_checkpoint(trained)["ema"]
-    assert all(torch.allclose(v, start[k], atol=1e-6) for k, v in model.state_dict().items())
+    start = load_checkpoint(trained)
+    assert all(torch.allclose(v, start["ema"][k], atol=1e-6) for k, v in model.state_dict().items())
+    assert model.cfg.frames == (frames or start["config"]["frames"])
+    assert load_checkpoint(str(tmp_path / "run"))["config"]["frames"] == model.cfg.frames
 
 
 def test_slowfast_memory_streams_the_exact_frame_count(trained, tmp_path):
