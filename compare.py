@@ -102,8 +102,9 @@ def world_of(run):
     w = run.get("world")
     if not w:
         return None
-    world = ToyWorld(w["seed"], WorldConfig(size=w["size"], deterministic=w["deterministic"],
-                                            horizon_s=WorldConfig.horizon_s if w["events"] else 0.0))
+    # results written before eval.py stored the horizon: the default one if the scene had events, else none
+    horizon = w["horizon_s"] if "horizon_s" in w else WorldConfig.horizon_s if w["events"] else 0.0
+    world = ToyWorld(w["seed"], WorldConfig(size=w["size"], deterministic=w["deterministic"], horizon_s=horizon))
     if world.caption(0) != w["caption"] or len(world.events) != w["events"]:
         fail(f"cannot rebuild the scene of a result (seed {w['seed']}): its caption or events differ")
     return world

@@ -148,7 +148,8 @@ def main(argv=None):
     own = world.render(0, len(frames))
     reference = evaluate(own, world, args.fps, args.tf_start)["figures"]
     result = {"source": source, "world": {"seed": world.seed, "size": size, "deterministic": args.deterministic,
-                                          "events": len(world.events), "caption": world.caption(0)},
+                                          "horizon_s": world.cfg.horizon_s, "events": len(world.events),
+                                          "caption": world.caption(0)},
               "tf_start": args.tf_start, **result, "reference": reference}
     json_path, png_path = os.path.join(args.out, "eval.json"), os.path.join(args.out, "eval.png")
     text = json.dumps(plain(result), allow_nan=False)   # one line: the curves hold a number per frame

@@ -386,7 +386,10 @@ def test_drift_share_puts_a_stream_on_the_scale_from_the_world_to_noise(seed3):
     world, frames, _ = seed3
     spoilt = frames.copy()
     spoilt[-160:] = np.random.default_rng(1).integers(0, 256, spoilt[-160:].shape, dtype=np.uint8)   # last 10 s: noise
-    scene = {"seed": 3, "size": 32, "deterministic": False, "events": len(world.events), "caption": world.caption(0)}
+    scene = {"seed": 3, "size": 32, "deterministic": False, "horizon_s": world.cfg.horizon_s, "events": len(world.events),
+             "caption": world.caption(0)}
+    older = {k: v for k, v in scene.items() if k != "horizon_s"}   # eval.json written before the horizon was stored
+    assert len(compare.world_of({"world": older}).events) == len(world.events)
     runs = [{**E.plain(M.evaluate(f, world, FPS)), "frames": len(f), "fps": FPS, "world": scene} for f in (frames, spoilt)]
     cache = {}
     own, bad = (compare.shares(r, cache) for r in runs)
