@@ -56,21 +56,23 @@ def test_shipped_default_loads_safely_and_streams_with_default_settings(tmp_path
 
 def test_default_streams_latents_with_the_spread_of_real_ones():
     """Normalised VAE latents are about unit variance: a third of real values lie beyond +-1, and objects carry
-    the largest ones. Clipping streamed latents to the pixel range [-1, 1] erased every object and the occluder."""
+    the largest ones. Clipping streamed latents to the pixel range [-1, 1] erased every object and the occluder.
+    The model streams under bf16 autocast (its preset trains so) and the VAE decodes in fp32, outside it."""
     import numpy as np
     from types import SimpleNamespace
     from data import ToyWorld, to_float
     import sample
     args = SimpleNamespace(ckpt=DEFAULT_CKPT, seconds=4 * DiTConfig.preset("cpu").chunk / 16, minutes=None, fps=16,
                            memory="sink", window=None, sink=None, slow=None, tau=0.95, prompt=None, sampler=None, steps=None, cfg=None,
-                           topk=None, seed=1, device="cpu", schedule=None, switch=None)
+                           topk=None, seed=1, device="cpu", schedule=None, switch=None, fp32=False)
     stream = sample.Stream(args)
     torch.manual_seed(0)
-    latents = []
+    latents, autocast = [], []
     decode = stream.vae.decode
-    stream.vae.decode = lambda z: latents.append(z) or decode(z)
+    stream.vae.decode = lambda z: latents.append(z) or autocast.append(torch.is_autocast_enabled("cpu")) or decode(z)
     frames = np.concatenate(list(stream.chunks()))
     z = torch.cat(latents)
+    assert stream.bf16 and z.dtype == torch.float32 and not any(autocast) and not torch.is_autocast_enabled("cpu")
     real = stream.vae.encode(torch.from_numpy(to_float(ToyWorld(1).render(0, len(frames)))).float())
     beyond = lambda x: (x.abs() > 1).float().mean().item()
     assert beyond(real) > 0.2

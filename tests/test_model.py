@@ -5,7 +5,7 @@ import torch
 
 from flow import SamplerConfig
 from memory import KVCache, MemoryConfig
-from model import DiT, DiTConfig
+from model import DiT, DiTConfig, apply_rope, rope
 from rollout import recache, rollout
 
 
@@ -101,6 +101,23 @@ def test_rope_shift_invariance():
         assert (a - b).abs().max() <= 1e-4
     # and positions do matter: reversing time changes the output
     assert (model(x, sigma, tokens, layout="bidirectional", pos=pos.flip(0)) - a).abs().max() > 1e-3
+
+
+def test_rope_complex_product_equals_the_rotation_of_pairs():
+    """apply_rope's complex product is the plain rotation of each pair (x1, x2) by its angle, in fp32 and bf16."""
+    cfg = DiTConfig.preset("tiny")
+    pos = torch.tensor([0.0, 3.0, 1e4])   # large positions too: bounded ones are small, full-memory ones are not
+    rot = rope(cfg, pos)
+    ang = rot.angle()                                              # (N, hd/2)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, rot.shape[0], cfg.heads, cfg.dim // cfg.heads).to(dtype)
+        x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+        cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
+        ref = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+        out = apply_rope(x, rot)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+    assert torch.allclose(rot.abs(), torch.ones(()))
 
 
 def test_bounded_positions_and_constant_cache_over_long_stream():
