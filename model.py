@@ -134,7 +134,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, rot_q, rot_k, mask=None, past=None):
         """x (B, N, D). past = (k, v) pre-RoPE from the cache, (B, Np, H, hd), or None. mask: see attention.py.
 
-        rot_q, rot_k: the RoPE rotations (model.rope) of the queries and of the keys [past | x]. Returns the output and this call's own pre-RoPE (k, v).
+        rot_q, rot_k: the RoPE rotations (model.rope) of the queries and of the keys [past | x]. Returns the output
+        and this call's own pre-RoPE (k, v).
         """
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).unbind(2)  # (B, N, H, hd)

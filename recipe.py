@@ -76,6 +76,12 @@ def preset_defaults(key: str) -> str:
     return text
 
 
+def bf16(preset: str, device: str) -> bool:
+    """Whether a model of this preset runs under bf16 autocast, in training and in sampling: always on CUDA, on the
+    CPU where the recipe says so (the --cpu preset: bf16 matmuls are faster than fp32 on AVX-512 BF16 cores)."""
+    return device == "cuda" or RECIPE[preset]["bf16"]
+
+
 def clip_config(args) -> DiTConfig:
     """The preset's model, with --frames as its training clip (its trained range) when given."""
     cfg = DiTConfig.preset(args.preset)

@@ -24,7 +24,7 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from flow import SamplerConfig
 from memory import POLICIES, KVCache, filling
 from model import pick_device
-from recipe import RECIPE
+from recipe import bf16
 from rollout import rolling_rollout, rollout
 from vae import load_vae
 
@@ -118,9 +118,8 @@ class Stream:
         if ckpt["method"] == "bidirectional":
             fail(f"{ckpt['path']} is a bidirectional clip model (the DMD score), it cannot stream")
         self.model = model_from_checkpoint(ckpt).eval().to(self.device)
-        # bf16 autocast as the model was trained: always on CUDA; on the CPU where its preset's recipe trains under
-        # it (--cpu: bf16 matmuls run about 1.7x faster than fp32 on this CPU's AVX-512 cores), unless --fp32
-        self.bf16 = self.device.type == "cuda" or (RECIPE[ckpt["args"]["preset"]]["bf16"] and not args.fp32)
+        # bf16 autocast as the model was trained (recipe.bf16), unless --fp32 asks for fp32 on the CPU
+        self.bf16 = bf16(ckpt["args"]["preset"], self.device.type) and not (args.fp32 and self.device.type == "cpu")
         self.vae = load_vae(ckpt["vae"]).to(self.device) if "vae" in ckpt else None   # latent models decode frames
         self.size = self.model.cfg.height * (self.vae.factor if self.vae else 1)   # frame size in pixels
         cfg = self.model.cfg

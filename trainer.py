@@ -34,7 +34,7 @@ from forcing import (LOSSES, METHODS, ResamplingConfig, first_chunk_step, object
                      single_chunks, teacher_loss)
 from memory import MemoryConfig
 from model import DiT, DiTConfig, pick_device
-from recipe import CONTEXT_RECIPE, DMD, GRAD_CLIP, RECIPE, WEIGHT_DECAY, clip_config, learning_rate
+from recipe import CONTEXT_RECIPE, DMD, GRAD_CLIP, RECIPE, WEIGHT_DECAY, bf16, clip_config, learning_rate
 from rollout import rollout
 from vae import VAEConfig, VAETraining, load_vae, read_vae, train_vae, vae_state
 
@@ -265,7 +265,7 @@ def train(args, init: dict | None = None):
     net.cfg = cfg   # the losses read the chunk size from model.cfg, also through the DDP wrapper
     workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
     data = batches(cfg, args.batch // world_size, args.seed * 1000 + rank, folder, workers, step, pixels, frames)
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" or recipe["bf16"])
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=bf16(args.preset, device.type))
     few = distiller.cfg.levels if distilling else levels if ode else None   # a few-step model's levels
     sampler = dict(steps=len(few), cfg=1.0) if few else recipe["sampler"]
     extra = {"shift": recipe["shift"], "sampler": sampler, "args": settings(args)}
