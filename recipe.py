@@ -53,6 +53,10 @@ DISTILL = {   # model preset -> the fine-tunes' (FINE_TUNED) values of the same 
 }
 # self, rolling with no score given: the score stage fine-tunes the causal student into the bidirectional score
 SCORE_STEPS = {"tiny": 100, "cpu": 1500, "small": 5000, "wan": 1000}
+# self, rolling from a many-step causal model: Causal Forcing's ODE stage first regresses it onto its own ODE, so DMD
+# starts from a few-step student (docs/distillation.md, section 7: at --cpu it keeps self's backdrop and more than
+# halves its count drift). Measured at --cpu; the other presets take the same share of their DISTILL steps (3/5)
+ODE_STEPS = {"tiny": 60, "cpu": 300, "small": 1200, "wan": 360}
 CONTEXT_RECIPE = {   # model preset -> Context Forcing: steps of the teacher and of CDMD, its clips and rollouts (frames)
     "tiny":  dict(teacher_steps=100,  steps=100,  clip=16, long=16),
     "cpu":   dict(teacher_steps=300,  steps=150,  clip=32, long=32),

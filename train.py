@@ -10,9 +10,9 @@ Train one forcing method of the block-causal DiT on ToyWorld (or on a folder of 
 This file is the command line: the flags and their checks (bad input gets one error line before anything is
 built or written), and the stages a run trains first. The --cpu preset is a latent model: stage 1 trains a frame
 VAE (vae.py) into OUT/vae, stage 2 the DiT on its latents; the VAE travels inside every checkpoint, so sampling
-decodes frames without it being named. Self and Rolling Forcing need DMD's score, Context Forcing its long-context
-teacher and a self-forcing student: where no flag names them, they are trained first into the run directory, by
-this same script. The presets' values are in recipe.py, the training loop in trainer.py. A killed run leaves no
+decodes frames without it being named. Self and Rolling Forcing need DMD's score and start from Causal Forcing's ODE
+stage of a many-step causal model, Context Forcing needs its long-context teacher and a self-forcing student: where
+no flag names them, they are trained first into the run directory, by this same script. The presets' values are in recipe.py, the training loop in trainer.py. A killed run leaves no
 temporary files behind, and --resume continues it.
 """
 
@@ -30,8 +30,8 @@ from data import DataError
 from distill import DISTILLED, ODE
 from forcing import METHODS
 from model import DiTConfig, pick_device
-from recipe import (CONTEXT_RECIPE, DISTILL, DMD, FINE_TUNED, PRESETS, RECIPE, SCORE_STEPS, STREAMED, TRAINED,
-                    clip_config, preset_defaults)
+from recipe import (CONTEXT_RECIPE, DISTILL, DMD, FINE_TUNED, ODE_STEPS, PRESETS, RECIPE, SCORE_STEPS, STREAMED,
+                    TRAINED, clip_config, preset_defaults)
 from trainer import train
 from vae import VAEConfig
 
@@ -69,6 +69,10 @@ def parse(argv=None):
                    f"of the same preset (default: with --cpu {os.path.relpath(SCORE_CKPT)} if shipped, else one "
                    "trained first into OUT/score); context: the long-context teacher, a --method context-teacher "
                    "model (default: one trained first into OUT/teacher from --base)")
+    p.add_argument("--ode-steps", type=int, default=None, help="self, rolling: steps of Causal Forcing's ODE stage, "
+                   "trained first into OUT/ode when --init is a many-step causal model (teacher, diffusion, "
+                   "resampling), so that DMD starts from a few-step student (default: "
+                   + ", ".join(f"{k} {v}" for k, v in ODE_STEPS.items()) + "; 0: distil --init as it is)")
     p.add_argument("--base", default=None, help="context: the causal model the teacher and the self-forcing stage "
                    "start from when they are trained first (default with --cpu: checkpoints/default.pt)")
     p.add_argument("--vae", default=None,
@@ -122,6 +126,8 @@ def parse(argv=None):
     if args.resample_warmup is None:            # resolved now, so it is stored with the run and never drifts
         args.resample_warmup = args.steps // 10
     args.out = args.out or os.path.join("runs", f"{args.method}-{args.preset}")
+    if args.ode_steps is None:
+        args.ode_steps = ODE_STEPS[args.preset] if args.method in DISTILLED else 0
     plan_stages(args)
     return args
 
@@ -129,7 +135,7 @@ def parse(argv=None):
 def plan_stages(args):
     """Fill in the models a run names by default and the earlier stages that must train them first: args.stages,
     (what, out, argv) in order. --cpu takes the shipped checkpoints where they exist; anything else is trained
-    into the run directory (OUT/score, OUT/teacher, OUT/self) by this same script."""
+    into the run directory (OUT/score, OUT/ode, OUT/teacher, OUT/self) by this same script."""
     args.stages = []
     shipped = DEFAULT_CKPT if args.preset == "cpu" else None
     if args.method in (*DISTILLED, ODE, CONTEXT_TEACHER) and args.init is None and not args.resume:
@@ -140,6 +146,13 @@ def plan_stages(args):
             args.stages.append(("stage 0: DMD's score, the student fine-tuned into a bidirectional model",
                                 os.path.dirname(args.score), ["--method", "bidirectional", "--steps",
                                 str(SCORE_STEPS[args.preset]), "--init", args.init]))
+    if args.method in DISTILLED and args.ode_steps and args.init and many_step(args.init):
+        ode = os.path.join(args.out, "ode", "model.pt")
+        if not os.path.exists(ode):   # the score above starts from the many-step model, the student from its ODE
+            args.stages.append(("stage 1: Causal Forcing's ODE initialisation, the student regressed onto its own "
+                                "ODE as a few-step model", os.path.dirname(ode),
+                                ["--method", ODE, "--steps", str(args.ode_steps), "--init", args.init]))
+        args.init = ode
     if args.method == CONTEXT:   # the teacher and the stage-1 student, trained first from --base if not given
         args.base = args.base or shipped
         teacher, student = (os.path.join(args.out, part, "model.pt") for part in ("teacher", "self"))
@@ -151,8 +164,19 @@ def plan_stages(args):
         if args.init is None and not args.resume and (os.path.exists(student) or args.base):
             args.init = student
             if not os.path.exists(student):
+                # (straight from the base, as docs/context.md measured it: its ODE stage is not measured here)
                 args.stages.append(("stage 1: Self Forcing on short windows, from the base model",
-                                    os.path.dirname(student), ["--method", "self", "--init", args.base]))
+                                    os.path.dirname(student), ["--method", "self", "--init", args.base,
+                                                               "--ode-steps", "0"]))
+
+
+def many_step(path: str) -> bool:
+    """Whether a checkpoint is a many-step causal model (made by flow matching), not a few-step student. A file that
+    does not load says no here; check() then refuses it in one line."""
+    try:
+        return load_checkpoint(path)["method"] in STREAMED
+    except CheckpointError:
+        return False
 
 
 def check(args) -> dict | None:
@@ -200,6 +224,8 @@ def check(args) -> dict | None:
         raise SystemExit(f"train.py: error: --resume found no checkpoint (ckpt_*.pt) in {args.out}")
     if args.resume and args.init:
         raise SystemExit("train.py: error: --resume continues a run, --init starts one: give one of them")
+    if args.ode_steps < 0 or args.ode_steps and args.method not in DISTILLED:
+        raise SystemExit(f"train.py: error: --ode-steps is a number of steps >= 0, for {' and '.join(DISTILLED)}")
     if args.vae and not os.path.isfile(args.vae):
         raise SystemExit(f"train.py: error: --vae {args.vae} is not a file (a vae.pt written by vae.py or train.py)")
     if args.vae and cfg.channels == 3:

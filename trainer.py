@@ -41,8 +41,8 @@ from vae import VAEConfig, VAETraining, load_vae, read_vae, train_vae, vae_state
 
 def settings(args) -> dict:
     """What defines a run: every flag that changes the trained weights (not where or how often it reports)."""
-    skip = ("out", "resume", "init", "vae", "base", "log_every", "save_every", "workers", "device", "preset_note",
-            "stages")
+    skip = ("out", "resume", "init", "vae", "base", "ode_steps", "log_every", "save_every", "workers", "device",
+            "preset_note", "stages")
     return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 

@@ -104,7 +104,7 @@ def test_distillation_trains_resumes_exactly_and_streams_with_its_schedule(train
         out = str(tmp_path / method)
         flags = ["--method", method, "--tiny", "--steps", "2", "--save-every", "1", "--out", out, "--score",
                  os.path.join(score, "model.pt")]
-        r = run("train.py", *flags, "--init", trained)
+        r = run("train.py", *flags, "--init", trained, "--ode-steps", "0")   # (the ODE stage: the test below)
         assert r.returncode == 0, r.stderr
         assert "critic" in r.stdout
         last = os.path.join(out, "ckpt_0000002.pt")
@@ -141,18 +141,31 @@ def test_ode_initialisation_trains_resumes_exactly_and_streams_few_step(trained,
     one_line_error(run("train.py", "--method", "ode", "--tiny", "--out", str(tmp_path / "x")), "name it with --init")
 
 
-def test_distillation_without_a_score_trains_one_first(trained, tmp_path, monkeypatch):
+def test_distillation_without_a_score_trains_one_first_and_the_student_from_the_ode_stage(trained, tmp_path,
+                                                                                          monkeypatch):
     sys.path.insert(0, ROOT)
     import train
     from model import DiT, DiTConfig
     monkeypatch.setitem(train.SCORE_STEPS, "tiny", 2)   # the budgets, here
     monkeypatch.setitem(train.DISTILL, "tiny", {**train.DISTILL["tiny"], "steps": 2})
+    monkeypatch.setitem(train.ODE_STEPS, "tiny", 3)
+    started = []   # (method, --init) of every run the command trains, stages included
+    real_train = train.train
+    monkeypatch.setattr(train, "train", lambda args, init: started.append((args.method, args.init)) or
+                        real_train(args, init))
     out = str(tmp_path / "self")
     train.main(["--method", "self", "--tiny", "--init", trained, "--out", out, "--log-every", "1"])
-    score = torch.load(os.path.join(out, "score", "model.pt"), weights_only=True)
-    student = torch.load(os.path.join(out, "model.pt"), weights_only=True)
-    assert score["method"] == "bidirectional" and score["step"] == 2 and student["method"] == "self"
-    assert student["args"]["score"] == os.path.join(out, "score", "model.pt")
+    score_path, ode = (os.path.join(out, part, "model.pt") for part in ("score", "ode"))
+    # the score is fine-tuned from the many-step model, the student distilled from that model's ODE stage
+    assert started == [("bidirectional", trained), ("ode", trained), ("self", ode)]
+    made = {path: torch.load(path, weights_only=True) for path in (score_path, ode, os.path.join(out, "model.pt"))}
+    assert [(m["method"], m["step"]) for m in made.values()] == [("bidirectional", 2), ("ode", 3), ("self", 2)]
+    assert made[os.path.join(out, "model.pt")]["args"]["score"] == score_path
+    score = made[score_path]
+    # a few-step student (the ODE stage's, or one named with --ode-steps 0) is distilled as it is
+    for argv in (["--init", ode], ["--init", trained, "--ode-steps", "0"]):
+        args = train.parse(["--method", "rolling", "--tiny", "--score", score_path, "--out", "x", *argv])
+        assert args.stages == [] and args.init == argv[1]
     # the score is the student fine-tuned: two steps from its weights, not from a fresh initialisation
     init, fresh = train.load_checkpoint(trained)["ema"], DiT(DiTConfig.preset("tiny")).state_dict()
     moved = sum((score["ema"][k].float() - init[k].float()).norm() for k in init)
@@ -231,6 +244,8 @@ BAD_INPUT = [
     ("train.py --method bidirectional --tiny --first-chunks 0.5", "--first-chunks", "causal"),
     ("train.py --method ode --tiny --init {ckpt} --object-weight 5", "--object-weight", "flow-matching"),
     ("train.py --method self --tiny --score {ckpt} --init {ckpt}", "bidirectional"),
+    ("train.py --method teacher --tiny --ode-steps 5", "--ode-steps", "self"),
+    ("train.py --method self --tiny --score {ckpt} --init {ckpt} --ode-steps -1", "--ode-steps"),
     ("train.py --tiny --topk 7", "--topk 7", "history frames"),
     ("train.py --tiny --route-sink 9", "--route-sink"),
     ("train.py --tiny --frames 5", "--frames", "whole number of chunks"),

@@ -87,5 +87,9 @@ def test_shipped_score_is_a_bidirectional_model_in_the_defaults_latent_space():
     assert score["config"] == default["config"]
     a, b = score["vae"]["state"], default["vae"]["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    args = train.parse(["--method", "self", "--cpu"])
-    assert args.score == train.SCORE_CKPT and args.stages == [] and args.init == train.DEFAULT_CKPT
+    # and the student it distils: the default through Causal Forcing's ODE stage, trained first into OUT/ode
+    args = train.parse(["--method", "self", "--cpu", "--out", "runs/x"])
+    assert args.score == train.SCORE_CKPT and args.init == os.path.join("runs/x", "ode", "model.pt")
+    [(_, out, argv)] = args.stages
+    assert out == os.path.join("runs/x", "ode") and argv == ["--method", "ode", "--steps", str(train.ODE_STEPS["cpu"]),
+                                                             "--init", train.DEFAULT_CKPT]
