@@ -12,8 +12,8 @@ built or written), and the stages a run trains first. The --cpu preset is a late
 VAE (vae.py) into OUT/vae, stage 2 the DiT on its latents; the VAE travels inside every checkpoint, so sampling
 decodes frames without it being named. Self and Rolling Forcing need DMD's score and start from Causal Forcing's ODE
 stage of a many-step causal model, Context Forcing needs its long-context teacher and a self-forcing student: where
-no flag names them, they are trained first into the run directory, by this same script. The presets' values are in recipe.py, the training loop in trainer.py. A killed run leaves no
-temporary files behind, and --resume continues it.
+no flag names them, they are trained first into the run directory, by this same script. The presets' values are in
+recipe.py, the training loop in trainer.py. A killed run leaves no temporary files behind, and --resume continues it.
 """
 
 import argparse
