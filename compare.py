@@ -11,9 +11,12 @@ eval.py's drift summaries: the mean of a curve over the last WINDOW_S seconds mi
 rows put the move of a curve between its first and last SHARE_S seconds on the scale from the world's own video to
 noise (metrics.drift_share), for the streams and for the world's own video of the same scenes and length: the
 second says how much of the first the scene itself makes (objects leave the view and come back, so even the
-world's own count moves). They need eval.json's "world" entry, from which the scene is rendered again. The plot has
-one panel per per-frame curve, one line per model: each stream's curve as a WINDOW_S-second moving mean, then
-averaged over the model's streams; the panels share their y-range across models.
+world's own count moves). They need eval.json's "world" entry, from which the scene is rendered again. Runs made
+with `eval.py --switches` add the prompt-switch rows, pooled over the model's switches: the share followed within
+one second (frames_to_match <= fps), and over each switch's first second the share of frames meeting each part
+of a match (metrics.switch_conditions), which says whether a model is slow at the backdrop or at the objects. The
+plot has one panel per per-frame curve, one line per model: each stream's curve as a WINDOW_S-second moving mean,
+then averaged over the model's streams; the panels share their y-range across models.
 """
 
 import argparse
@@ -31,6 +34,7 @@ FIGURES = ("palette_fidelity", "colour_drift", "count_error", "background_error"
            "teleport_rate", "identity_match")
 NEWER = ("prompt_colour", "prompt_shape")   # figures an older eval.json lacks: shown as "-" for it
 CURVES = ("palette_fidelity", "colour_drift", "count_error", "background_error", "flicker")
+SWITCH_PARTS = ("backdrop", "colour", "shape")   # metrics.switch_conditions, in the order the switch rows show them
 SHARED = ("palette_fidelity", "count_error", "background_error", "flicker")   # noise has no objects: no colour drift
 LINE_COLOURS = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (210, 130, 0), (140, 60, 180), (0, 160, 170),
                 (90, 90, 90), (230, 90, 160)]
@@ -124,6 +128,22 @@ def shares(run, cache):
                         for c in (run["curves"][name], own["curves"][name])) for name in SHARED}
 
 
+def switch_cells(runs):
+    """Pooled over the runs' prompt switches: (followed within a second, with how many never followed and the median
+    frames to a match; the first second's shares of frames meeting each part of a match), or None without any."""
+    switches = [(s, r["fps"]) for r in runs for s in r.get("prompt_switch", [])]
+    if not switches:
+        return None
+    frames = [s["frames_to_match"] for s, _ in switches]
+    followed = sum(f is not None and f <= fps for f, (_, fps) in zip(frames, switches))
+    done = [f for f in frames if f is not None]
+    median = f"; median {np.median(done):g} frames" if done else ""
+    head = f"{100 * followed / len(switches):.0f}% of {len(switches)} ({frames.count(None)} never{median})"
+    parts = [s["first_second"] for s, _ in switches if "first_second" in s]   # older eval.json: no breakdown
+    tail = " / ".join(f"{np.mean([p[k] for p in parts]):.2f}" for k in SWITCH_PARTS) if parts else "-"
+    return head, tail
+
+
 def table(models) -> str:
     labels = list(models)
     rows = ["| metric | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
@@ -139,6 +159,12 @@ def table(models) -> str:
             rows.append(f"| {name}: drift share, {whose} (last {SHARE_S:g} s against first, of world-to-noise) | " +
                         " | ".join(share_cell([s[name][i] if s else math.nan for s in both[m]]) for m in labels) +
                         " |")
+    cells = {m: switch_cells(models[m]) for m in labels}
+    if any(cells.values()):
+        rows.append("| prompt switches followed within 1 s (never followed; median frames to a match) | " +
+                    " | ".join(c[0] if c else "-" for c in cells.values()) + " |")
+        rows.append(f"| first second after a switch: share of frames with the new {' / '.join(SWITCH_PARTS)} | " +
+                    " | ".join(c[1] if c else "-" for c in cells.values()) + " |")
     streams = {len(v) for v in models.values()}
     seconds = {r["frames"] / r["fps"] for v in models.values() for r in v}
     rows.append(f"\n{'/'.join(map(str, sorted(streams)))} stream(s) per model, "

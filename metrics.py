@@ -9,7 +9,7 @@ offline, the same for every method. What is measured (each function's docstring 
               speed, prompt colour and shape (are the objects drawn the ones the caption names?); PSNR and SSIM
               after a teacher-forced start
   per video   motion retention, teleport rate, identity after a gap (by gap length), frames to follow a new
-              caption (prompt switch), PSNR and SSIM by horizon
+              caption (prompt switch) and which of its parts a video is slow at, PSNR and SSIM by horizon
   per curve   drift: first 5 s against last 5 s, signed and absolute (Rolling Forcing), slope per minute; drift
               share: first 10 s against last 10 s, as a share of the distance from the world's own video to noise
 A run writes into --out eval.json (figures, curves, drift, gaps, switches, and "reference": the same figures for
@@ -292,19 +292,33 @@ def prompt_objects(det, named, want):
     return colour, masked_mean(det["shape"] == want, target, 1)
 
 
-def prompt_switch(det, caption, frame, end=None):
-    """Frames from `frame` (where the caption becomes `caption`) until the video matches it for SWITCH_HOLD frames
-    in a row (fewer if the video ends first), or None if it never does before `end`. A frame matches when every
-    object seen has a colour the caption names, every clean one has the caption's shape (prompt_objects, both 1 or
-    undefined), and more of its backdrop pixels are nearest the caption's backdrop colour than any other
-    (backdrop_share). An object the caption adds is not required to be seen: the world may bring it in out of
-    view."""
+def switch_conditions(det, caption):
+    """Per frame, the three things a frame needs to match `caption` (prompt_switch): every object seen has a colour
+    the caption names; every clean one has the caption's shape (prompt_objects; both true where undefined); more of
+    its backdrop pixels are nearest the caption's backdrop colour than any other (backdrop_share; false for a frame
+    with no backdrop pixel). Returns {"colour", "shape", "backdrop"}: boolean [N] each."""
     backdrop = parse_caption(caption)[1]
-    share = np.nan_to_num(det["backdrop"])   # a frame with no backdrop pixel has no background to match
+    share = np.nan_to_num(det["backdrop"])
     colour, shape = (np.nan_to_num(p, nan=1.0) for p in prompt_objects(det, *caption_objects(caption)))
-    ok = (colour == 1) & (shape == 1) & (share[:, backdrop] > 0) & (share[:, backdrop] == share.max(1))
+    return {"colour": colour == 1, "shape": shape == 1,
+            "backdrop": (share[:, backdrop] > 0) & (share[:, backdrop] == share.max(1))}
+
+
+def prompt_switch(det, caption, frame, end=None):
+    """Frames from `frame` (where the caption becomes `caption`) until the video matches it (all of
+    switch_conditions) for SWITCH_HOLD frames in a row (fewer if the video ends first), or None if it never does
+    before `end`. An object the caption adds is not required to be seen: the world may bring it in out of view."""
+    ok = np.logical_and.reduce(list(switch_conditions(det, caption).values()))
     end = len(ok) if end is None else end
     return next((t - frame for t in range(frame, end) if ok[t:min(t + SWITCH_HOLD, end)].all()), None)
+
+
+def switch_first_second(det, caption, frame, end, fps):
+    """Which part of a switch a video is slow at: over the first second after `frame` (cut at `end`), the share of
+    frames meeting each of switch_conditions. All 1 on ToyWorld's own video; a video that keeps the old scene has
+    backdrop 0 where the event changed the backdrop."""
+    stop = min(end, frame + round(fps))
+    return {name: float(held[frame:stop].mean()) for name, held in switch_conditions(det, caption).items()}
 
 
 def psnr(video, truth):
@@ -401,7 +415,8 @@ def evaluate(frames, world, fps, tf_start=0):
         identity[name] = {"gaps": len(got), "scored": sum(g["scored"] for g in got),
                           "matched": sum(bool(g["match"]) for g in got)}
     events = [(f, c) for f, c in world.events if f < n]
-    switches = [{"frame": f, "caption": c, "frames_to_match": prompt_switch(det, c, f, end)}
+    switches = [{"frame": f, "caption": c, "frames_to_match": prompt_switch(det, c, f, end),
+                 "first_second": switch_first_second(det, c, f, end, fps)}
                 for (f, c), end in zip(events, [f for f, _ in events[1:]] + [n])]
     scored = sum(g["scored"] for g in gaps)
     figures = {name: mean(c) for name, c in curves.items()}

@@ -249,7 +249,24 @@ def test_ignoring_a_prompt_switch_never_matches(seed3):
     assert [s["frames_to_match"] for s in M.evaluate(held, world, FPS)["prompt_switch"]] == [None, None]
     late = frames.copy()
     late[300:340] = held[300:340]   # the new background arrives 40 frames late
-    assert M.evaluate(late, world, FPS)["prompt_switch"][0]["frames_to_match"] == 40
+    switch = M.evaluate(late, world, FPS)["prompt_switch"][0]
+    assert switch["frames_to_match"] == 40
+    # the first second's breakdown names the part that is late: the backdrop; the world's own meets every part
+    assert switch["first_second"]["backdrop"] == 0
+    assert all(s["first_second"] == {"backdrop": 1, "colour": 1, "shape": 1} for s in real["prompt_switch"])
+
+
+def test_compare_pools_prompt_switches(seed3):
+    import compare
+
+    world, frames, real = seed3
+    held = ToyWorld(3, WorldConfig(horizon_s=0.0)).render(0, len(frames))
+    runs = [{**E.plain(M.evaluate(f, world, FPS)), "fps": FPS} for f in (frames, held)]
+    followed, parts = compare.switch_cells(runs)
+    assert followed == "50% of 4 (2 never; median 0 frames)"   # the world's two switches at once, held's never
+    backdrop = np.mean([s["first_second"]["backdrop"] for s in runs[1]["prompt_switch"]])
+    assert backdrop == 0 and parts.startswith("0.50 / ")
+    assert compare.switch_cells([{**runs[0], "prompt_switch": []}]) is None   # sampled without --switches
 
 
 # ---- drift summaries --------------------------------------------------------------------------------------------
