@@ -30,6 +30,11 @@ Bounded positions (window, sink, slowfast): the kept frames are re-indexed to co
 current chunk follows them, so the largest position ever used is sink + window + chunk - 1 however long the
 stream runs (Infinity-RoPE, Context Forcing). RoPE only sees relative distances, so for a plain window this
 re-indexing changes no output; it is what keeps the sink (and every absolute number) inside the trained range.
+
+At a prompt switch the sink keeps the first scene's frames, re-encoded under the new prompt (LongLive). With
+`resink` the sink moves instead: the old sink frames become history (evicted as history is) and the next `sink`
+frames the stream makes, the first under the new prompt, are the sink from then on. A model trained on clips of
+one scene has only ever seen a sink of the scene it is drawing.
 """
 
 from dataclasses import dataclass
@@ -46,6 +51,7 @@ class MemoryConfig:
     sink: int = 3       # first frames kept for good (sink, slowfast)
     slow: int = 0       # slowfast: frames of slow memory
     tau: float = 0.95   # slowfast: a frame leaving fast memory is promoted if its similarity is below tau
+    resink: bool = False   # sink, slowfast: a prompt switch moves the sink to the first frames made after it
 
     def check(self, chunk: int, trained_frames: int):
         """Raise ValueError if this policy would stream outside the model's trained positions."""
@@ -94,6 +100,7 @@ class KVCache:
         self.x = None                  # the clean frames themselves (B, Fc, C, H, W): a prompt switch re-encodes them
         self.frames = []               # absolute index of each cached frame, oldest first
         self.next_frame = 0            # absolute index of the next frame the stream will produce
+        self.sink_from = 0             # sink, slowfast: absolute index of the first sink frame (move_sink)
         self.slow = []                 # slowfast: the frames of slow memory (absolute indices)
         self.last_left = None          # slowfast: (frame, descriptor) of the last frame that left the cache
         self.promoted = 0              # slowfast: frames promoted to slow memory so far
@@ -146,11 +153,19 @@ class KVCache:
         n, cfg = len(self.frames), self.cfg
         if cfg.policy == "full":
             return list(range(n))
-        sink = [j for j in range(n) if cfg.policy in ("sink", "slowfast") and self.frames[j] < cfg.sink]
+        sink = [j for j in range(n) if cfg.policy in ("sink", "slowfast")
+                and self.sink_from <= self.frames[j] < self.sink_from + cfg.sink]
         if cfg.policy == "slowfast":
             return self._consolidate(sink)
         recent = [j for j in range(max(0, n - cfg.window), n) if j not in sink]
         return sink + recent
+
+    def move_sink(self):
+        """The next `sink` frames the stream makes become the sink (memory resink, at a prompt switch); the frames
+        of the old sink are history from now on, kept or evicted as the policy keeps history."""
+        self.sink_from = self.next_frame
+        if self.frames:
+            self._evict()
 
     def _consolidate(self, sink: list[int]) -> list[int]:
         """slowfast: promote the surprising frames that leave the fast FIFO, drop the others and the oldest slow."""
@@ -187,6 +202,7 @@ class KVCache:
         view.k, view.v, view.x, view.frames, view.next_frame = list(self.k), list(self.v), self.x, list(self.frames), \
             self.next_frame
         view.slow, view.last_left, view.promoted = list(self.slow), self.last_left, self.promoted
+        view.sink_from = self.sink_from
         return view
 
     def nbytes(self) -> int:

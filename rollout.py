@@ -87,6 +87,8 @@ def switch_prompt(model, cache: KVCache, text, prompt=None):
     prompt. One extra pass over the kept frames; the frames themselves do not change."""
     if cache.x is None:
         return   # nothing made yet: the new prompt simply starts the stream
+    if cache.cfg.resink:   # the old sink leaves before the re-encode: the cache is what the new prompt's would be
+        cache.move_sink()
     assert cache.x.shape[0] == text.shape[0], f"the cache holds {cache.x.shape[0]} streams, the prompt batch {text.shape[0]}"
     fresh = reencode(model, cache, text, prompt)
     cache.rewrite([fresh.kv(i) for i in range(len(fresh.k))])

@@ -54,3 +54,28 @@ def test_switch_leaves_the_cache_as_if_its_frames_were_streamed_under_the_new_pr
         assert torch.allclose(cache.k[i], under_b.k[i], atol=1e-6) and torch.allclose(cache.v[i], under_b.v[i], atol=1e-6)
         # the keys were re-encoded, not kept (the first layer's keys come before any cross-attention)
         assert i == 0 or not torch.allclose(cache.k[i], before[i])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", ["sink", "slowfast"])
+def test_resink_moves_the_sink_to_the_first_frames_made_after_a_switch(policy):
+    model = tiny()
+    c = model.cfg.chunk
+    a, b = torch.randint(2, 20, (1, 6)), torch.randint(2, 20, (1, 6))
+    sampler = SamplerConfig(steps=2, cfg=2.0, shift=1.0)
+    runs = {}
+    for resink in (False, True):
+        memory = MemoryConfig(policy, window=2, sink=2, slow=2 if policy == "slowfast" else 0, tau=1.0, resink=resink)
+        cache, sizes = KVCache(memory, model.cfg.depth), []
+        g = torch.Generator().manual_seed(0)
+        chunks = []
+        for x0 in rollout(model, a, 8 * c, memory, sampler, g, cache=cache, switches={4 * c: b}):
+            chunks.append(x0)
+            sizes.append(len(cache))
+        runs[resink] = torch.cat(chunks, 1), cache, sizes
+    (kept, kept_cache, kept_sizes), (moved, moved_cache, moved_sizes) = runs[False], runs[True]
+    assert torch.equal(kept[:, :4 * c], moved[:, :4 * c])        # the frames before the switch are untouched
+    assert not torch.allclose(kept[:, 4 * c:], moved[:, 4 * c:])   # after it the sink the model reads differs
+    assert 0 in kept_cache.frames and kept_cache.sink_from == 0
+    assert moved_cache.sink_from == 4 * c and moved_cache.frames[:2] == [4 * c, 4 * c + 1]
+    assert max(moved_sizes) <= 2 + memory.slow + 2 and moved_sizes[-1] == kept_sizes[-1]   # the same bounded cache
