@@ -59,12 +59,13 @@ def test_default_streams_latents_with_the_spread_of_real_ones():
     the largest ones. Clipping streamed latents to the pixel range [-1, 1] erased every object and the occluder.
     The model streams under bf16 autocast (its preset trains so) and the VAE decodes in fp32, outside it."""
     import numpy as np
-    from types import SimpleNamespace
+    import argparse
     from data import ToyWorld, to_float
     import sample
-    args = SimpleNamespace(ckpt=DEFAULT_CKPT, seconds=4 * DiTConfig.preset("cpu").chunk / 16, minutes=None, fps=16,
-                           memory="sink", window=None, sink=None, slow=None, tau=0.95, prompt=None, sampler=None, steps=None, cfg=None,
-                           topk=None, seed=1, device="cpu", schedule=None, switch=None, fp32=False)
+    parser = argparse.ArgumentParser()
+    sample.add_args(parser)   # sample.py's own options and defaults, so a new option cannot go missing here
+    args = parser.parse_args(["--ckpt", DEFAULT_CKPT, "--seconds", str(4 * DiTConfig.preset("cpu").chunk / 16),
+                              "--memory", "sink", "--seed", "1", "--device", "cpu"])
     stream = sample.Stream(args)
     torch.manual_seed(0)
     latents, autocast = [], []
