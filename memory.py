@@ -34,7 +34,8 @@ re-indexing changes no output; it is what keeps the sink (and every absolute num
 At a prompt switch the sink keeps the first scene's frames, re-encoded under the new prompt (LongLive). With
 `resink` the sink moves instead: the old sink frames become history (evicted as history is) and the next `sink`
 frames the stream makes, the first under the new prompt, are the sink from then on. A model trained on clips of
-one scene has only ever seen a sink of the scene it is drawing.
+one scene has only ever seen a sink of the scene it is drawing; on the default it follows switches no better
+(docs/distillation.md, section 8), so it is off unless asked for.
 """
 
 from dataclasses import dataclass
