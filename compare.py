@@ -135,7 +135,7 @@ def switch_cells(runs):
     if not switches:
         return None
     frames = [s["frames_to_match"] for s, _ in switches]
-    followed = sum(f is not None and f <= fps for f, (_, fps) in zip(frames, switches))
+    followed = sum(s["frames_to_match"] is not None and s["frames_to_match"] <= fps for s, fps in switches)
     done = [f for f in frames if f is not None]
     median = f"; median {np.median(done):g} frames" if done else ""
     head = f"{100 * followed / len(switches):.0f}% of {len(switches)} ({frames.count(None)} never{median})"

@@ -304,21 +304,21 @@ def switch_conditions(det, caption):
             "backdrop": (share[:, backdrop] > 0) & (share[:, backdrop] == share.max(1))}
 
 
-def prompt_switch(det, caption, frame, end=None):
-    """Frames from `frame` (where the caption becomes `caption`) until the video matches it (all of
-    switch_conditions) for SWITCH_HOLD frames in a row (fewer if the video ends first), or None if it never does
-    before `end`. An object the caption adds is not required to be seen: the world may bring it in out of view."""
-    ok = np.logical_and.reduce(list(switch_conditions(det, caption).values()))
-    end = len(ok) if end is None else end
+def prompt_switch(held, frame, end):
+    """Frames from `frame` (where the caption changes) until the video matches the new caption (all of
+    switch_conditions, `held`) for SWITCH_HOLD frames in a row (fewer if the video ends first), or None if it never
+    does before `end`. An object the caption adds is not required to be seen: the world may bring it in out of
+    view."""
+    ok = np.logical_and.reduce(list(held.values()))
     return next((t - frame for t in range(frame, end) if ok[t:min(t + SWITCH_HOLD, end)].all()), None)
 
 
-def switch_first_second(det, caption, frame, end, fps):
+def switch_first_second(held, frame, end, fps):
     """Which part of a switch a video is slow at: over the first second after `frame` (cut at `end`), the share of
-    frames meeting each of switch_conditions. All 1 on ToyWorld's own video; a video that keeps the old scene has
-    backdrop 0 where the event changed the backdrop."""
+    frames meeting each of switch_conditions (`held`). All 1 on ToyWorld's own video; a video that keeps the old
+    scene has backdrop 0 where the event changed the backdrop."""
     stop = min(end, frame + round(fps))
-    return {name: float(held[frame:stop].mean()) for name, held in switch_conditions(det, caption).items()}
+    return {name: float(h[frame:stop].mean()) for name, h in held.items()}
 
 
 def psnr(video, truth):
@@ -415,9 +415,11 @@ def evaluate(frames, world, fps, tf_start=0):
         identity[name] = {"gaps": len(got), "scored": sum(g["scored"] for g in got),
                           "matched": sum(bool(g["match"]) for g in got)}
     events = [(f, c) for f, c in world.events if f < n]
-    switches = [{"frame": f, "caption": c, "frames_to_match": prompt_switch(det, c, f, end),
-                 "first_second": switch_first_second(det, c, f, end, fps)}
-                for (f, c), end in zip(events, [f for f, _ in events[1:]] + [n])]
+    switches = []
+    for (f, c), end in zip(events, [f for f, _ in events[1:]] + [n]):
+        held = switch_conditions(det, c)   # once per switch, read by both figures
+        switches.append({"frame": f, "caption": c, "frames_to_match": prompt_switch(held, f, end),
+                         "first_second": switch_first_second(held, f, end, fps)})
     scored = sum(g["scored"] for g in gaps)
     figures = {name: mean(c) for name, c in curves.items()}
     figures.update(motion_retention=retention, teleport_rate=teleport,
