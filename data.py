@@ -412,18 +412,27 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def sample_clips(
-    rng: np.random.Generator, batch: int, frames: int, cfg: WorldConfig
-) -> tuple[np.ndarray, list[str]]:
+    rng: np.random.Generator, batch: int, frames: int, cfg: WorldConfig, events: float | None = None, chunk: int = 1
+) -> tuple[np.ndarray, list]:
     """Training batch: `batch` random worlds, a random window of `frames` frames in each, starting anywhere in
-    the first three minutes. Returns float32 [B, frames, 3, H, W] in [-1, 1] and each window's first caption."""
+    the first three minutes. Returns float32 [B, frames, 3, H, W] in [-1, 1] and each window's first caption.
+
+    events: None for that; a share in [0, 1] returns a caption per frame (a list of `frames` per clip) and places
+    that share of the windows across one of the world's scene events, the event at a chunk boundary after the
+    first chunk, so the model sees a caption change mid-clip as a prompt switch changes it mid-stream."""
     S = cfg.size
     out = np.empty((batch, frames, 3, S, S), dtype=np.float32)
     captions = []
     for b in range(batch):
         world = ToyWorld(int(rng.integers(2**31)), cfg)
-        start = int(rng.integers(0, 180 * cfg.fps))
+        if events is not None and rng.random() < events:
+            starts = [f for f, _ in world.events if frames <= f < 180 * cfg.fps]
+            assert starts, "every world has an event in its first three minutes (event_max_s <= 180)"
+            start = int(rng.choice(starts)) - chunk * int(rng.integers(1, frames // chunk))
+        else:
+            start = int(rng.integers(0, 180 * cfg.fps))
         out[b] = to_float(world.render(start, frames))
-        captions.append(world.caption(start))
+        captions.append(world.caption(start) if events is None else [world.caption(start + i) for i in range(frames)])
     return out, captions
 
 

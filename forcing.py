@@ -29,9 +29,10 @@ METHODS = ("teacher", "diffusion", "bidirectional", "resampling")
 
 
 def drop_prompt(tokens: torch.Tensor, p: float = 0.1, generator=None) -> torch.Tensor:
-    """Replace a fraction p of the prompts by the null prompt (all pad) for classifier-free guidance."""
-    keep = torch.rand(tokens.shape[0], 1, device=tokens.device, generator=generator) >= p
-    return tokens * keep
+    """Replace a fraction p of the prompts by the null prompt (all pad) for classifier-free guidance. tokens
+    (B, T) or (B, F, T): a clip with a caption per frame loses all of them, as it is one sample."""
+    keep = torch.rand(tokens.shape[0], device=tokens.device, generator=generator) >= p
+    return tokens * keep.view(-1, *[1] * (tokens.dim() - 1))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -114,14 +115,15 @@ def resample_history(model, x0, tokens, ts, cfg: ResamplingConfig, generator=Non
         return x
     assert cfg.mode == "autoregressive", cfg.mode
     cache = KVCache(MemoryConfig(policy="full"), model.cfg.depth)
-    prompt = model.text(tokens)
+    prompt = model.text(tokens) if tokens.dim() == 2 else None
     out = []
     for c in range(0, Fr - chunk, chunk):        # the last chunk is never anyone's history
         xc = x[:, c:c + chunk]
+        text = tokens if tokens.dim() == 2 else tokens[:, c]   # a caption per frame: the chunk's first frame's
         for s, s_next in zip(grid[:-1], grid[1:]):
-            v, _ = model.forward_cached(xc, s[:, c:c + chunk], tokens, cache, prompt=prompt)
+            v, _ = model.forward_cached(xc, s[:, c:c + chunk], text, cache, prompt=prompt)
             xc = xc + expand(s_next[:, c:c + chunk] - s[:, c:c + chunk]) * v
-        recache(model, xc, tokens, cache, prompt)
+        recache(model, xc, text, cache, prompt)
         out.append(xc)
     return torch.cat(out + [x0[:, Fr - chunk:]], dim=1)
 
@@ -159,12 +161,12 @@ def first_chunk_step(share: float, step: int) -> bool:
 
 def single_chunks(x, tokens, weight, chunk: int):
     """Cut clips x (B, F, ...) into their B * F / chunk chunks, each a clip of its own, with its clip's prompt
-    tokens (B, L) and loss weights. Only the first chunk of a clip is drawn with no history, a quarter of an
+    tokens (B, L) or its own frames' captions (B, F, L) and loss weights. Only the first chunk of a clip is drawn with no history, a quarter of an
     8-frame clip's loss: these steps teach drawing the caption's scene from nothing, which is all the first
     second of a stream asks."""
     n = x.shape[1] // chunk
     cut = lambda t: None if t is None else t.reshape(-1, chunk, *t.shape[2:])   # (B * n, chunk, ...)
-    return cut(x), tokens.repeat_interleave(n, 0), cut(weight)
+    return cut(x), tokens.repeat_interleave(n, 0) if tokens.dim() == 2 else cut(tokens), cut(weight)
 
 
 LOSSES = {"teacher": teacher_loss, "diffusion": diffusion_loss, "bidirectional": bidirectional_loss,

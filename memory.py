@@ -35,7 +35,9 @@ At a prompt switch the sink keeps the first scene's frames, re-encoded under the
 `resink` the sink moves instead: the old sink frames become history (evicted as history is) and the next `sink`
 frames the stream makes, the first under the new prompt, are the sink from then on. A model trained on clips of
 one scene has only ever seen a sink of the scene it is drawing; on the default it follows switches no better
-(docs/distillation.md, section 8), so it is off unless asked for.
+(docs/distillation.md, section 8), so it is off unless asked for. Without `reencode` the kept frames keep the
+keys they were made with, under the old prompt: what a model trained with a caption per frame (train.py
+--event-clips) read in training, where a frame before a scene event is conditioned on its own caption.
 """
 
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ class MemoryConfig:
     slow: int = 0       # slowfast: frames of slow memory
     tau: float = 0.95   # slowfast: a frame leaving fast memory is promoted if its similarity is below tau
     resink: bool = False   # sink, slowfast: a prompt switch moves the sink to the first frames made after it
+    reencode: bool = True  # a prompt switch re-encodes the kept frames under the new prompt (LongLive's re-cache)
 
     def check(self, chunk: int, trained_frames: int):
         """Raise ValueError if this policy would stream outside the model's trained positions."""

@@ -187,7 +187,11 @@ class Block(nn.Module):
         h = modulate(self.norm1(x), shift1, scale1).reshape(B, Fr * L, D)
         a, kv = self.attn(h, rot_q, rot_k, mask, past)
         x = x + gate1 * a.view(B, Fr, L, D)
-        x = x + self.cross(self.norm2(x).reshape(B, Fr * L, D), ctx, ctx_mask).view(B, Fr, L, D)
+        if ctx.dim() == 4:   # a caption per frame (B, F, T, D): each frame's tokens read their own frame's
+            y = self.cross(self.norm2(x).reshape(B * Fr, L, D), ctx.flatten(0, 1), ctx_mask.flatten(0, 1))
+        else:                # one caption per clip (B, T, D), read by all its frames
+            y = self.cross(self.norm2(x).reshape(B, Fr * L, D), ctx, ctx_mask)
+        x = x + y.view(B, Fr, L, D)
         x = x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
         return x, kv
 
@@ -208,7 +212,14 @@ class TextEncoder(nn.Module):
         self.norm = nn.LayerNorm(D)
 
     def forward(self, tokens: torch.Tensor):
-        """tokens (B, T) int64, 0 = pad. Returns ctx (B, T+1, D) and its validity mask (B, T+1)."""
+        """tokens (B, T) int64, 0 = pad. Returns ctx (B, T+1, D) and its validity mask (B, T+1).
+
+        tokens (B, F, T), a caption per frame (clips that cross a scene event), gives ctx (B, F, T+1, D): each
+        distinct caption is encoded once, as a clip has one or two."""
+        if tokens.dim() == 3:
+            distinct, which = torch.unique(tokens.flatten(0, 1), dim=0, return_inverse=True)
+            ctx, mask = self(distinct)
+            return ctx[which].unflatten(0, tokens.shape[:2]), mask[which].unflatten(0, tokens.shape[:2])
         B, T = tokens.shape
         mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=tokens.device), tokens != 0], dim=1)
         h = torch.cat([self.start.expand(B, -1, -1), self.embed(tokens)], dim=1) + self.pos[:, :T + 1]
@@ -265,17 +276,21 @@ class DiT(nn.Module):
                 window=None):
         """Predict the flow v = eps - x0 for every frame of x (B, F, C, H, W) at noise sigma (B, F).
 
-        layout: "bidirectional" | "block_causal" | "teacher_forcing". For teacher_forcing, `clean` is the
-        history (B, F, C, H, W) at noise `clean_sigma` (default 0), placed before x with the *same*
-        positions; only the noisy half is returned. pos: time positions (F,), default 0..F-1.
+        tokens: the prompt (B, T), or a caption per frame (B, F, T). layout: "bidirectional" | "block_causal" |
+        "teacher_forcing". For teacher_forcing, `clean` is the history (B, F, C, H, W) at noise `clean_sigma`
+        (default 0), placed before x with the *same* positions; only the noisy half is returned. pos: time
+        positions (F,), default 0..F-1.
         """
         B, Fr = x.shape[:2]
+        assert tokens.dim() == 2 or tokens.shape[:2] == (B, Fr), f"tokens {tuple(tokens.shape)} for {B} x {Fr} frames"
         pos = torch.arange(Fr, device=x.device) if pos is None else pos
         ctx, ctx_mask = self.text(tokens)
         if layout == "teacher_forcing":
             assert clean is not None and clean.shape == x.shape, "teacher forcing needs a clean history like x"
             clean_sigma = torch.zeros_like(sigma) if clean_sigma is None else clean_sigma
             x, sigma, pos = torch.cat([clean, x], 1), torch.cat([clean_sigma, sigma], 1), torch.cat([pos, pos])
+            if ctx.dim() == 4:   # a history frame reads its own frame's caption, as its noisy twin does
+                ctx, ctx_mask = torch.cat([ctx, ctx], 1), torch.cat([ctx_mask, ctx_mask], 1)
         else:
             assert clean is None, f"`clean` is only used by teacher_forcing, not {layout}"
         h, t, e = self._embed(x, sigma)
@@ -297,6 +312,7 @@ class DiT(nn.Module):
         keys of a denoising step. prompt: self.text(tokens), computed once by a caller that makes many calls.
         """
         n = x.shape[1]
+        assert tokens.dim() == 2, "a streamed call runs one prompt (B, T); a switch starts a new call"
         ctx, ctx_mask = self.text(tokens) if prompt is None else prompt
         h, t, e = self._embed(x, sigma)
         cache_pos, query_pos = cache.positions(n)

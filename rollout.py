@@ -84,11 +84,14 @@ def reencode(model, cache: KVCache, text, prompt=None) -> KVCache:
 def switch_prompt(model, cache: KVCache, text, prompt=None):
     """A prompt switch (LongLive's KV re-cache): every frame the cache keeps re-encoded under the new prompt
     batch `text` (reencode): the cache becomes what it would be had the kept frames been streamed under the new
-    prompt. One extra pass over the kept frames; the frames themselves do not change."""
+    prompt. One extra pass over the kept frames; the frames themselves do not change. A memory with reencode off
+    keeps the keys as they were made."""
     if cache.x is None:
         return   # nothing made yet: the new prompt simply starts the stream
     if cache.cfg.resink:   # the old sink leaves before the re-encode: the cache is what the new prompt's would be
         cache.move_sink()
+    if not cache.cfg.reencode:   # the kept frames keep their old prompt's keys, as in training with --event-clips
+        return
     assert cache.x.shape[0] == text.shape[0], f"the cache holds {cache.x.shape[0]} streams, the prompt batch {text.shape[0]}"
     fresh = reencode(model, cache, text, prompt)
     cache.rewrite([fresh.kv(i) for i in range(len(fresh.k))])

@@ -63,6 +63,10 @@ def add_args(p, prompt=True):
     p.add_argument("--resink", action="store_true",
                    help="at each prompt switch the sink moves to the first frames made under the new caption (default: "
                         "it keeps the first frames of the stream, re-encoded under it)")
+    p.add_argument("--no-reencode", dest="reencode", action="store_false",
+                   help="at each prompt switch the kept frames keep the keys made under the old caption, with no "
+                        "re-encode pass (default: re-encoded under the new one, LongLive's re-cache; a model trained "
+                        "with --event-clips read the old caption's keys in training)")
     p.add_argument("--sampler", default=None, choices=("euler", "few"),
                    help="euler: many-step flow ODE with guidance; few: predict x0 and re-noise (distilled models). "
                         "Default: the one the checkpoint's method was trained for")
@@ -146,7 +150,7 @@ class Stream:
                 fail(f"a rolling window of {steps} chunks ({query} frames) leaves no history in the {cfg.frames} "
                      f"frames the model was trained on: use fewer --steps")
         self.memory = filling(policy, cfg.frames, cfg.chunk, query, args.sink, args.window, args.slow, args.tau)
-        self.memory.resink = args.resink
+        self.memory.resink, self.memory.reencode = args.resink, args.reencode
         if args.resink and policy not in ("sink", "slowfast"):
             fail(f"--resink moves the sink: the {policy} memory has none (use --memory sink or slowfast)")
         try:
@@ -194,7 +198,7 @@ class Stream:
     def describe(self) -> str:
         c = self.ckpt
         return (f"{c['path']} ({c['method']}, step {c['step']}) | {self.n_frames} frames | memory {self.memory.policy}"
-                + (", resink" if self.memory.resink else "") + f" | {self.sampler.kind} x {self.sampler.steps}" + (", rolling" if self.schedule == "rolling" else "")
+                + (", resink" if self.memory.resink else "") + ("" if self.memory.reencode else ", no re-encode") + f" | {self.sampler.kind} x {self.sampler.steps}" + (", rolling" if self.schedule == "rolling" else "")
                 + (f", guidance {self.sampler.cfg:g}" if self.sampler.kind == "euler" else "")
                 + f" | top-k {self.model.cfg.topk or 'dense'} | {'bf16' if self.bf16 else 'fp32'} "
                 f"| prompt: {self.prompt}"
@@ -268,8 +272,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.scale < 1:
         fail("--scale must be positive")
-    if args.resink and not args.switch:
-        fail("--resink moves the sink at a prompt switch: give --switch SECONDS:CAPTION")
+    if (args.resink or not args.reencode) and not args.switch:
+        fail(f"{'--resink' if args.resink else '--no-reencode'} acts at a prompt switch: give --switch SECONDS:CAPTION")
     out = output_path(args.out)
     stream = Stream(args)
     print(stream.describe())

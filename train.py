@@ -90,6 +90,11 @@ def parse(argv=None):
                    help="teacher, diffusion, resampling: this share of the steps trains the clips cut into single "
                         "chunks, each drawn from the caption alone with no history (an ablation, off by default: "
                         "docs/cpu-recipe.md, section 9)")
+    p.add_argument("--event-clips", type=float, default=0.0,
+                   help="teacher, diffusion, resampling on ToyWorld: this share of the training clips crosses one of "
+                        "the world's scene events, and every clip is conditioned on a caption per frame, so the model "
+                        "learns to follow a caption that changes mid-stream, as a prompt switch does (default 0: one "
+                        "caption per clip, its first frame's)")
     p.add_argument("--logit-normal", action=argparse.BooleanOptionalAction, default=None,
                    help="flow-matching methods: training noise levels logit-normal (SD3) instead of uniform, before "
                         f"the shift (default: {preset_defaults('logit_normal')}; docs/cpu-recipe.md, sections 12-13)")
@@ -205,6 +210,9 @@ def check(args) -> dict | None:
     if not 0 <= args.first_chunks <= 1 or args.first_chunks and args.method not in STREAMED:
         raise SystemExit(f"train.py: error: --first-chunks is a share of the steps in [0, 1], for the causal "
                          f"flow-matching methods ({', '.join(STREAMED)})")
+    if not 0 <= args.event_clips <= 1 or args.event_clips and (args.method not in STREAMED or args.data):
+        raise SystemExit(f"train.py: error: --event-clips is a share of the clips in [0, 1], for the causal "
+                         f"flow-matching methods ({', '.join(STREAMED)}) on ToyWorld, whose events it knows")
     if args.logit_normal and args.method not in METHODS:
         raise SystemExit(f"train.py: error: --logit-normal is for the flow-matching methods ({', '.join(METHODS)})")
     if args.object_weight != 1 and (args.method not in METHODS or args.data or args.object_weight <= 0):

@@ -51,11 +51,12 @@ class Clips(torch.utils.data.IterableDataset):
     """An endless stream of (video, prompt tokens) training batches, from ToyWorld or a video folder."""
 
     def __init__(self, cfg: DiTConfig, batch: int, seed: int, folder: VideoFolder | None, start: int,
-                 pixels: int | None, frames: int):
+                 pixels: int | None, frames: int, events: float = 0.0):
         """pixels: the frame size to render (a latent model's frames are encoded later); None: random latents.
-        frames: the clip length."""
+        frames: the clip length. events > 0: ToyWorld clips with a caption per frame, tokens (B, F, T), that share
+        of them across a scene event (data.sample_clips)."""
         self.cfg, self.batch, self.seed, self.folder, self.start, self.pixels = cfg, batch, seed, folder, start, pixels
-        self.frames = frames
+        self.frames, self.events = frames, events
 
     def __iter__(self):
         # batch i is drawn from its own seed [seed, i], and worker w of n makes batches w, w+n, ... which the
@@ -73,13 +74,17 @@ class Clips(torch.utils.data.IterableDataset):
                 x = rng.standard_normal((self.batch, self.frames, c.channels, c.height, c.width), dtype=np.float32)
                 captions = [""] * self.batch
             else:
-                x, captions = sample_clips(rng, self.batch, self.frames, world)
-            yield torch.from_numpy(x), torch.from_numpy(tokenize(captions, self.cfg.text_len))
+                x, captions = sample_clips(rng, self.batch, self.frames, world, self.events or None, c.chunk)
+            if self.events:   # a caption per frame
+                tokens = np.stack([tokenize(clip, c.text_len) for clip in captions])   # (B, F, T)
+            else:
+                tokens = tokenize(captions, c.text_len)   # (B, T)
+            yield torch.from_numpy(x), torch.from_numpy(tokens)
 
 
-def batches(cfg, batch, seed, folder, workers, start, pixels, frames):
+def batches(cfg, batch, seed, folder, workers, start, pixels, frames, events=0.0):
     # its own generator: the loader must not draw from the global RNG that the losses' noise comes from
-    loader = torch.utils.data.DataLoader(Clips(cfg, batch, seed, folder, start, pixels, frames), batch_size=None,
+    loader = torch.utils.data.DataLoader(Clips(cfg, batch, seed, folder, start, pixels, frames, events), batch_size=None,
                                          num_workers=workers,
                                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                                          generator=torch.Generator())
@@ -264,7 +269,8 @@ def train(args, init: dict | None = None):
     net = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None) if ddp else model
     net.cfg = cfg   # the losses read the chunk size from model.cfg, also through the DDP wrapper
     workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
-    data = batches(cfg, args.batch // world_size, args.seed * 1000 + rank, folder, workers, step, pixels, frames)
+    data = batches(cfg, args.batch // world_size, args.seed * 1000 + rank, folder, workers, step, pixels, frames,
+                   args.event_clips)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=bf16(args.preset, device.type))
     few = distiller.cfg.levels if distilling else levels if ode else None   # a few-step model's levels
     sampler = dict(steps=len(few), cfg=1.0) if few else recipe["sampler"]

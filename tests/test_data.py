@@ -242,6 +242,25 @@ def test_sample_clips():
     assert np.array_equal(x, y) and captions == again
 
 
+def test_event_clips_cross_one_event_at_a_chunk_start_with_a_caption_per_frame():
+    cfg, chunk = WorldConfig(size=32), 3
+    rng = np.random.default_rng(1)
+    x, captions = sample_clips(rng, 6, 12, cfg, events=1.0, chunk=chunk)
+    assert x.shape == (6, 12, 3, 32, 32) and all(len(c) == 12 for c in captions)
+    for clip in captions:
+        changes = [i for i in range(1, 12) if clip[i] != clip[i - 1]]
+        assert len(changes) == 1 and changes[0] % chunk == 0   # one event, where a chunk starts, after the first
+    # with events 0 most clips show one scene, and each frame's caption is still its own frame's
+    seeds = np.random.default_rng(2)
+    x, captions = sample_clips(np.random.default_rng(2), 3, 12, cfg, events=0.0)
+    for b, clip in enumerate(captions):
+        world = ToyWorld(int(seeds.integers(2**31)), cfg)
+        seeds.random()   # the draw that would place the clip across an event
+        start = int(seeds.integers(0, 180 * cfg.fps))
+        assert clip == [world.caption(start + i) for i in range(12)]
+        assert np.array_equal(x[b], to_float(world.render(start, 12)))
+
+
 # -----------------------------------------------------------------------------
 # a folder of videos
 

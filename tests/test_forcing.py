@@ -204,3 +204,20 @@ def test_resampled_history_is_labelled_clean_as_at_inference(mode):
     sigma = seen[-1]                                          # the training forward: [history | noisy] frames
     assert sigma.shape == (2, 2 * cfg.frames)
     assert (sigma[:, :cfg.frames] == 0).all() and (sigma[:, cfg.frames:] > 0).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["autoregressive", "parallel"])
+def test_resampled_history_reads_each_chunks_own_caption(mode):
+    """--event-clips: the history of a clip with a caption per frame is finished chunk by chunk under each chunk's
+    caption. The same caption everywhere gives exactly the one-caption history; a caption that changes at a chunk
+    leaves the chunks before it as they were."""
+    model, cfg, x0, tokens = randomised_tiny()
+    rs, ts, c = ResamplingConfig(mode=mode, steps=2), torch.full((2,), 0.7), cfg.chunk
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    one = resample_history(model, x0, tokens, ts, rs, eps=eps)
+    per_frame = tokens[:, None].repeat(1, x0.shape[1], 1)   # (B, F, T)
+    assert torch.equal(resample_history(model, x0, per_frame, ts, rs, eps=eps), one)
+    per_frame[:, c:] = torch.randint(2, cfg.vocab, tokens.shape)[:, None]   # an event at the second chunk
+    switched = resample_history(model, x0, per_frame, ts, rs, eps=eps)
+    assert torch.equal(switched[:, :c], one[:, :c]) and (switched[:, c:2 * c] - one[:, c:2 * c]).abs().max() > 1e-3

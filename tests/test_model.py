@@ -45,6 +45,26 @@ def test_block_causal_future_never_changes_past():
         assert peak((out[:, j * cfg.chunk:] - out2[:, j * cfg.chunk:]).abs()) > 1e-3   # and the future does move
 
 
+@pytest.mark.parametrize("layout", ["block_causal", "bidirectional", "teacher_forcing"])
+def test_a_caption_per_frame_is_one_caption_when_they_agree_and_causal_when_they_change(layout):
+    """train.py --event-clips: each frame reads its own frame's caption. The same caption on every frame must be
+    exactly the one-caption model (so a fine-tune starts where its model is); a caption that changes at a chunk
+    must change nothing before it, in the clean history of teacher forcing either."""
+    model, cfg, x, clean, sigma, tokens = make()
+    other = torch.randint(2, cfg.vocab, tokens.shape)
+    history = dict(clean=clean) if layout == "teacher_forcing" else {}
+    one = model(x, sigma, tokens, layout=layout, **history)
+    per_frame = tokens[:, None].repeat(1, x.shape[1], 1)   # (B, F, T)
+    assert torch.equal(model(x, sigma, per_frame, layout=layout, **history), one)
+    j = 2 * cfg.chunk
+    per_frame[:, j:] = other[:, None]   # a scene event at frame j
+    out = model(x, sigma, per_frame, layout=layout, **history)
+    if layout != "bidirectional":
+        assert peak((out[:, :j] - one[:, :j]).abs()) < 1e-6
+    assert peak((out[:, j:] - one[:, j:]).abs()) > 1e-3
+    assert peak((out[:, j:] - model(x, sigma, other, layout=layout, **history)[:, j:]).abs()) > 1e-3   # reads both
+
+
 def test_teacher_forcing_causality():
     model, cfg, x, clean, sigma, tokens = make()
     out = model(x, sigma, tokens, layout="teacher_forcing", clean=clean)

@@ -1,4 +1,5 @@
-"""Prompt switching: the frames before a switch are untouched by it, and after it the cache holds re-encoded keys."""
+"""Prompt switching: the frames before a switch are untouched by it, and after it the cache holds re-encoded keys
+(or, without re-encoding, the keys a model trained with a caption per frame read)."""
 
 import pytest
 import torch
@@ -54,6 +55,30 @@ def test_switch_leaves_the_cache_as_if_its_frames_were_streamed_under_the_new_pr
         assert torch.allclose(cache.k[i], under_b.k[i], atol=1e-6) and torch.allclose(cache.v[i], under_b.v[i], atol=1e-6)
         # the keys were re-encoded, not kept (the first layer's keys come before any cross-attention)
         assert i == 0 or not torch.allclose(cache.k[i], before[i])
+
+
+@torch.no_grad()
+def test_a_switch_without_reencode_streams_what_a_caption_per_frame_trains():
+    """--no-reencode keeps the old prompt's keys: the next chunk is then exactly what the block-causal forward of
+    a clip with a caption per frame (train.py --event-clips) predicts, which the re-encoded cache is not."""
+    model = tiny()
+    c, depth = model.cfg.chunk, model.cfg.depth
+    a, b = torch.randint(2, 20, (1, 6)), torch.randint(2, 20, (1, 6))
+    frames = torch.randn(1, 3 * c, model.cfg.channels, model.cfg.height, model.cfg.width)
+    sigma = torch.zeros(1, 3 * c)
+    sigma[:, 2 * c:] = 0.7   # a clean history of two chunks under a, then a noisy chunk under b
+    per_frame = torch.cat([a[:, None].expand(-1, 2 * c, -1), b[:, None].expand(-1, c, -1)], 1)   # (1, F, T)
+    trained = model(frames, sigma, per_frame, layout="block_causal")[:, 2 * c:]
+    streamed = {}
+    for reencode in (False, True):
+        cache = KVCache(MemoryConfig("full", reencode=reencode), depth)
+        prefill(model, frames[:, :2 * c], a, cache)
+        before = [k.clone() for k in cache.k]
+        switch_prompt(model, cache, b)
+        assert all(torch.equal(k, k0) for k, k0 in zip(cache.k, before)) != reencode
+        streamed[reencode] = model.forward_cached(frames[:, 2 * c:], sigma[:, 2 * c:], b, cache)[0]
+    assert torch.allclose(streamed[False], trained, atol=1e-5)
+    assert not torch.allclose(streamed[True], trained, atol=1e-3)
 
 
 @torch.no_grad()
