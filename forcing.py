@@ -119,7 +119,11 @@ def resample_history(model, x0, tokens, ts, cfg: ResamplingConfig, generator=Non
     out = []
     for c in range(0, Fr - chunk, chunk):        # the last chunk is never anyone's history
         xc = x[:, c:c + chunk]
-        text = tokens if tokens.dim() == 2 else tokens[:, c]   # a caption per frame: the chunk's first frame's
+        if tokens.dim() == 3:   # a caption per frame: the chunk's (events start chunks), encoded once a chunk
+            text = tokens[:, c]
+            prompt = model.text(text)
+        else:
+            text = tokens
         for s, s_next in zip(grid[:-1], grid[1:]):
             v, _ = model.forward_cached(xc, s[:, c:c + chunk], text, cache, prompt=prompt)
             xc = xc + expand(s_next[:, c:c + chunk] - s[:, c:c + chunk]) * v

@@ -157,12 +157,15 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x, ctx, ctx_mask):
-        """x (B, N, D) reads the prompt ctx (B, T, D); ctx_mask (B, T) marks real (non-pad) tokens."""
+    def forward(self, x, ctx, ctx_mask, rows=None):
+        """x (B, N, D) reads the prompt ctx (B, T, D); ctx_mask (B, T) marks real (non-pad) tokens. rows (B,): the
+        ctx row each x row reads, when ctx holds only the distinct prompts (a caption per frame)."""
         B, N, D = x.shape
         H, hd = self.heads, D // self.heads
         q = self.q(x).view(B, N, H, hd).transpose(1, 2)
-        k, v = self.kv(ctx).view(B, -1, 2, H, hd).unbind(2)
+        k, v = self.kv(ctx).view(ctx.shape[0], -1, 2, H, hd).unbind(2)   # projected once per distinct prompt
+        if rows is not None:
+            k, v, ctx_mask = k[rows], v[rows], ctx_mask[rows]
         o = attend(q, k.transpose(1, 2), v.transpose(1, 2), ctx_mask[:, None, None, :])
         return self.out(o.transpose(1, 2).reshape(B, N, D))
 
@@ -180,17 +183,18 @@ class Block(nn.Module):
         # per-block offset on the shared time projection (Wan's scheme); zero = adaLN-Zero gates at init
         self.modulation = nn.Parameter(torch.zeros(6, D))
 
-    def forward(self, x, e, ctx, ctx_mask, rot_q, rot_k, mask=None, past=None):
-        """x (B, F, L, D) tokens; e (B, F, 6, D) per-frame modulation. Returns x and this block's (k, v)."""
+    def forward(self, x, e, ctx, ctx_mask, rot_q, rot_k, mask=None, past=None, captions=None):
+        """x (B, F, L, D) tokens; e (B, F, 6, D) per-frame modulation; captions (B, F): with a caption per frame,
+        the row of ctx each frame reads. Returns x and this block's (k, v)."""
         B, Fr, L, D = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = (e + self.modulation).unsqueeze(2).unbind(3)  # (B,F,1,D)
         h = modulate(self.norm1(x), shift1, scale1).reshape(B, Fr * L, D)
         a, kv = self.attn(h, rot_q, rot_k, mask, past)
         x = x + gate1 * a.view(B, Fr, L, D)
-        if ctx.dim() == 4:   # a caption per frame (B, F, T, D): each frame's tokens read their own frame's
-            y = self.cross(self.norm2(x).reshape(B * Fr, L, D), ctx.flatten(0, 1), ctx_mask.flatten(0, 1))
-        else:                # one caption per clip (B, T, D), read by all its frames
+        if captions is None:   # one caption per clip (B, T, D), read by all its frames
             y = self.cross(self.norm2(x).reshape(B, Fr * L, D), ctx, ctx_mask)
+        else:                  # each frame's tokens read their own frame's caption
+            y = self.cross(self.norm2(x).reshape(B * Fr, L, D), ctx, ctx_mask, captions.flatten())
         x = x + y.view(B, Fr, L, D)
         x = x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
         return x, kv
@@ -212,14 +216,7 @@ class TextEncoder(nn.Module):
         self.norm = nn.LayerNorm(D)
 
     def forward(self, tokens: torch.Tensor):
-        """tokens (B, T) int64, 0 = pad. Returns ctx (B, T+1, D) and its validity mask (B, T+1).
-
-        tokens (B, F, T), a caption per frame (clips that cross a scene event), gives ctx (B, F, T+1, D): each
-        distinct caption is encoded once, as a clip has one or two."""
-        if tokens.dim() == 3:
-            distinct, which = torch.unique(tokens.flatten(0, 1), dim=0, return_inverse=True)
-            ctx, mask = self(distinct)
-            return ctx[which].unflatten(0, tokens.shape[:2]), mask[which].unflatten(0, tokens.shape[:2])
+        """tokens (B, T) int64, 0 = pad. Returns ctx (B, T+1, D) and its validity mask (B, T+1)."""
         B, T = tokens.shape
         mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=tokens.device), tokens != 0], dim=1)
         h = torch.cat([self.start.expand(B, -1, -1), self.embed(tokens)], dim=1) + self.pos[:, :T + 1]
@@ -284,13 +281,17 @@ class DiT(nn.Module):
         B, Fr = x.shape[:2]
         assert tokens.dim() == 2 or tokens.shape[:2] == (B, Fr), f"tokens {tuple(tokens.shape)} for {B} x {Fr} frames"
         pos = torch.arange(Fr, device=x.device) if pos is None else pos
+        captions = None
+        if tokens.dim() == 3:   # a caption per frame: each distinct one encoded once (a clip has one or two)
+            tokens, captions = torch.unique(tokens.flatten(0, 1), dim=0, return_inverse=True)
+            captions = captions.view(B, Fr)   # the row of ctx each frame reads
         ctx, ctx_mask = self.text(tokens)
         if layout == "teacher_forcing":
             assert clean is not None and clean.shape == x.shape, "teacher forcing needs a clean history like x"
             clean_sigma = torch.zeros_like(sigma) if clean_sigma is None else clean_sigma
             x, sigma, pos = torch.cat([clean, x], 1), torch.cat([clean_sigma, sigma], 1), torch.cat([pos, pos])
-            if ctx.dim() == 4:   # a history frame reads its own frame's caption, as its noisy twin does
-                ctx, ctx_mask = torch.cat([ctx, ctx], 1), torch.cat([ctx_mask, ctx_mask], 1)
+            if captions is not None:   # a history frame reads its own frame's caption, as its noisy twin does
+                captions = torch.cat([captions, captions], 1)
         else:
             assert clean is None, f"`clean` is only used by teacher_forcing, not {layout}"
         h, t, e = self._embed(x, sigma)
@@ -298,7 +299,7 @@ class DiT(nn.Module):
         c = self.cfg
         mask = layout_mask(layout, Fr, c.chunk, c.tokens_per_frame, x.device, window, c.topk, c.route_sink)
         for block in self.blocks:
-            h, _ = block(h, e, ctx, ctx_mask, rot, rot, mask)
+            h, _ = block(h, e, ctx, ctx_mask, rot, rot, mask, captions=captions)
         out = self._head(h, t)
         return out[:, Fr:] if layout == "teacher_forcing" else out
 
