@@ -119,7 +119,7 @@ def resample_history(model, x0, tokens, ts, cfg: ResamplingConfig, generator=Non
     out = []
     for c in range(0, Fr - chunk, chunk):        # the last chunk is never anyone's history
         xc = x[:, c:c + chunk]
-        if tokens.dim() == 3:   # a caption per frame: the chunk's (events start chunks), encoded once a chunk
+        if tokens.dim() == 3:   # a caption per frame: the chunk's first frame's (a placed event starts a chunk)
             text = tokens[:, c]
             prompt = model.text(text)
         else:
@@ -165,9 +165,9 @@ def first_chunk_step(share: float, step: int) -> bool:
 
 def single_chunks(x, tokens, weight, chunk: int):
     """Cut clips x (B, F, ...) into their B * F / chunk chunks, each a clip of its own, with its clip's prompt
-    tokens (B, L) or its own frames' captions (B, F, L) and loss weights. Only the first chunk of a clip is drawn with no history, a quarter of an
-    8-frame clip's loss: these steps teach drawing the caption's scene from nothing, which is all the first
-    second of a stream asks."""
+    tokens (B, L) or its own frames' captions (B, F, L) and loss weights. Only the first chunk of a clip is drawn
+    with no history, a quarter of an 8-frame clip's loss: these steps teach drawing the caption's scene from
+    nothing, which is all the first second of a stream asks."""
     n = x.shape[1] // chunk
     cut = lambda t: None if t is None else t.reshape(-1, chunk, *t.shape[2:])   # (B * n, chunk, ...)
     return cut(x), tokens.repeat_interleave(n, 0) if tokens.dim() == 2 else cut(tokens), cut(weight)

@@ -198,7 +198,8 @@ class Stream:
     def describe(self) -> str:
         c = self.ckpt
         return (f"{c['path']} ({c['method']}, step {c['step']}) | {self.n_frames} frames | memory {self.memory.policy}"
-                + (", resink" if self.memory.resink else "") + ("" if self.memory.reencode else ", no re-encode") + f" | {self.sampler.kind} x {self.sampler.steps}" + (", rolling" if self.schedule == "rolling" else "")
+                + (", resink" if self.memory.resink else "") + ("" if self.memory.reencode else ", no re-encode")
+                + f" | {self.sampler.kind} x {self.sampler.steps}" + (", rolling" if self.schedule == "rolling" else "")
                 + (f", guidance {self.sampler.cfg:g}" if self.sampler.kind == "euler" else "")
                 + f" | top-k {self.model.cfg.topk or 'dense'} | {'bf16' if self.bf16 else 'fp32'} "
                 f"| prompt: {self.prompt}"

@@ -39,11 +39,17 @@ from rollout import rollout
 from vae import VAEConfig, VAETraining, load_vae, read_vae, train_vae, vae_state
 
 
+# flags added after runs were stored (the shipped default among them): at this value a run is what it was before
+# the flag existed, so its settings leave the flag out and such runs still resume and still match their preset
+LATER_FLAGS = {"event_clips": 0.0}
+
+
 def settings(args) -> dict:
     """What defines a run: every flag that changes the trained weights (not where or how often it reports)."""
     skip = ("out", "resume", "init", "vae", "base", "ode_steps", "log_every", "save_every", "workers", "device",
             "preset_note", "stages")
-    return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+    return {k: v for k, v in sorted(vars(args).items())
+            if k not in skip and not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -84,8 +90,8 @@ class Clips(torch.utils.data.IterableDataset):
 
 def batches(cfg, batch, seed, folder, workers, start, pixels, frames, events=0.0):
     # its own generator: the loader must not draw from the global RNG that the losses' noise comes from
-    loader = torch.utils.data.DataLoader(Clips(cfg, batch, seed, folder, start, pixels, frames, events), batch_size=None,
-                                         num_workers=workers,
+    clips = Clips(cfg, batch, seed, folder, start, pixels, frames, events)
+    loader = torch.utils.data.DataLoader(clips, batch_size=None, num_workers=workers,
                                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                                          generator=torch.Generator())
     return iter(loader)
