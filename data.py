@@ -1,5 +1,5 @@
 """
-ToyWorld: a procedural video world with exact ground truth, plus a loader for a folder of your own videos.
+ToyWorld: a procedural video world with exact ground truth (a folder of your own videos: videos.py).
 
 Why a toy world? Long-video methods are judged on two things that are hard to measure on real footage:
 drift (does minute 5 still look like minute 0?) and long memory (when the red circle comes back after 20
@@ -21,7 +21,7 @@ With deterministic=True there is no camera motion, no occluder and no event: obj
 move by whole pixels at constant velocity and bounce off the view's walls, so from two consecutive frames the
 continuation has exactly one right answer.
 
-The world itself is numpy only. The folder loader at the bottom (VideoFolder) also uses imageio and PIL.
+The world is numpy only.
 """
 
 import functools
@@ -29,7 +29,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -69,7 +68,6 @@ OCCLUDER_RGB = (35, 35, 40)  # the bar objects pass behind: a dark, background-l
 VOCAB = ["<pad>", "<unk>", "a", "an", "and", "over", *PALETTE, *SHAPES, *BACKDROP_COLOURS, *BACKDROP_KINDS]
 WORD_ID = {word: i for i, word in enumerate(VOCAB)}
 
-VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
 
 
 def caption_words(caption: str) -> list[str]:
@@ -452,76 +450,6 @@ def colour_lines() -> tuple[np.ndarray, np.ndarray]:
     points = np.array([*PALETTE.values(), OCCLUDER_RGB], np.float64)
     bases = np.array(list(BACKDROP_COLOURS.values()), np.float64)
     return np.concatenate([points, bases]), np.concatenate([points, bases * BACKDROP_SHADE])
-
-
-# -----------------------------------------------------------------------------
-# a folder of the user's own videos (--data DIR)
-
-
-def read_video(path, size):
-    """All frames of a video file, centre-cropped to a square and resized: uint8 [n, size, size, 3]."""
-    import imageio.v3 as iio  # imported here so that the world above needs nothing but numpy
-    from PIL import Image
-
-    plugin = "pillow" if path.suffix.lower() == ".gif" else "FFMPEG"
-    frames = []
-    for frame in iio.imiter(path, plugin=plugin):  # one frame at a time: full-size frames are never all in memory
-        image = Image.fromarray(frame).convert("RGB")
-        w, h = image.size
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        image = image.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
-        frames.append(np.asarray(image))
-    if not frames:
-        raise ValueError("no frames")
-    return np.stack(frames)
-
-
-class VideoFolder:
-    """Every video in a folder (and its subfolders), decoded once and kept in memory at training size."""
-
-    def __init__(self, root: str, size: int, frames: int):
-        self.root, self.size, self.frames = Path(root), size, frames
-        if size < 16 or size % 8:
-            raise DataError(f"frame size must be at least 16 and divisible by 8, got {size}")
-        if frames < 1:
-            raise DataError(f"clips need at least 1 frame, got {frames}")
-        if not self.root.is_dir():
-            raise DataError(f"video folder {root} does not exist or is not a folder")
-        paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
-        if not paths:
-            raise DataError(f"video folder {root} has no video files ({' '.join(VIDEO_EXTENSIONS)})")
-        self.videos, self.captions, readable, longest = [], [], 0, 0
-        for path in paths:
-            try:
-                video = read_video(path, size)
-            except Exception as e:  # a broken file should cost a warning, not the whole run
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                print(f"warning: skipping {path}: cannot read it ({reason})", file=sys.stderr)
-                continue
-            readable += 1
-            longest = max(longest, len(video))
-            if len(video) < frames:
-                print(f"warning: skipping {path}: {len(video)} frames, clips need {frames}", file=sys.stderr)
-                continue
-            sidecar = path.with_suffix(".txt")
-            self.videos.append(video)
-            self.captions.append(sidecar.read_text().strip() if sidecar.is_file() else "")
-        if not readable:
-            raise DataError(f"none of the {len(paths)} video files in {root} could be read")
-        if not self.videos:
-            raise DataError(f"no video in {root} has {frames} frames (the longest has {longest})")
-
-    def sample(self, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, list[str]]:
-        """Same contract as sample_clips: float32 [B, frames, 3, size, size] in [-1, 1] and the captions."""
-        out = np.empty((batch, self.frames, 3, self.size, self.size), dtype=np.float32)
-        captions = []
-        for b in range(batch):
-            k = int(rng.integers(len(self.videos)))
-            start = int(rng.integers(0, len(self.videos[k]) - self.frames + 1))
-            out[b] = to_float(self.videos[k][start : start + self.frames])
-            captions.append(self.captions[k])
-        return out, captions
 
 
 # -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from checkpoint import (check_resume, export_model, latest_checkpoint, load_chec
                         model_from_checkpoint, prune_checkpoints, restore_rng, rng_states, save_checkpoint)
 from context import CONTEXT, CONTEXT_TEACHER, ContextConfig, ContextDistiller, ErrorBank, context_memory, \
     context_teacher_loss
-from data import ToyWorld, VideoFolder, WorldConfig, sample_clips, to_uint8, tokenize
+from data import ToyWorld, WorldConfig, sample_clips, to_uint8, tokenize
 from distill import BETAS, ODE, DMDConfig, Distiller, few_step_levels, ode_loss
 from flow import SamplerConfig, euler_sigmas
 from forcing import (LOSSES, METHODS, ResamplingConfig, first_chunk_step, object_weight, resampling_loss,
@@ -37,6 +37,7 @@ from model import DiT, DiTConfig, pick_device
 from recipe import CONTEXT_RECIPE, DMD, GRAD_CLIP, RECIPE, WEIGHT_DECAY, bf16, clip_config, learning_rate
 from rollout import rollout
 from vae import VAEConfig, VAETraining, load_vae, read_vae, train_vae, vae_state
+from videos import VideoFolder
 
 
 # flags added after runs were stored (the shipped default among them): at this value a run is what it was before
