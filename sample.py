@@ -63,10 +63,10 @@ def add_args(p, prompt=True):
     p.add_argument("--resink", action="store_true",
                    help="at each prompt switch the sink moves to the first frames made under the new caption (default: "
                         "it keeps the first frames of the stream, re-encoded under it)")
-    p.add_argument("--no-reencode", dest="reencode", action="store_false",
-                   help="at each prompt switch the kept frames keep the keys made under the old caption, with no "
-                        "re-encode pass (default: re-encoded under the new one, LongLive's re-cache; a model trained "
-                        "with --event-clips read the old caption's keys in training)")
+    p.add_argument("--reencode", action=argparse.BooleanOptionalAction, default=None,
+                   help="at each prompt switch the kept frames are re-encoded under the new caption (LongLive's "
+                        "re-cache), or with --no-reencode keep the keys made under the old one. Default: keep them "
+                        "for a model trained with --event-clips, which read them so in training; re-encode otherwise")
     p.add_argument("--sampler", default=None, choices=("euler", "few"),
                    help="euler: many-step flow ODE with guidance; few: predict x0 and re-noise (distilled models). "
                         "Default: the one the checkpoint's method was trained for")
@@ -150,7 +150,9 @@ class Stream:
                 fail(f"a rolling window of {steps} chunks ({query} frames) leaves no history in the {cfg.frames} "
                      f"frames the model was trained on: use fewer --steps")
         self.memory = filling(policy, cfg.frames, cfg.chunk, query, args.sink, args.window, args.slow, args.tau)
-        self.memory.resink, self.memory.reencode = args.resink, args.reencode
+        trained_on_events = ckpt["args"].get("event_clips", 0.0) > 0   # stored only when on (trainer.LATER_FLAGS)
+        self.memory.resink = args.resink
+        self.memory.reencode = not trained_on_events if args.reencode is None else args.reencode
         if args.resink and policy not in ("sink", "slowfast"):
             fail(f"--resink moves the sink: the {policy} memory has none (use --memory sink or slowfast)")
         try:
@@ -273,8 +275,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.scale < 1:
         fail("--scale must be positive")
-    if (args.resink or not args.reencode) and not args.switch:
-        fail(f"{'--resink' if args.resink else '--no-reencode'} acts at a prompt switch: give --switch SECONDS:CAPTION")
+    if (args.resink or args.reencode is not None) and not args.switch:
+        flag = "--resink" if args.resink else "--reencode" if args.reencode else "--no-reencode"
+        fail(f"{flag} acts at a prompt switch: give --switch SECONDS:CAPTION")
     out = output_path(args.out)
     stream = Stream(args)
     print(stream.describe())

@@ -278,6 +278,7 @@ BAD_INPUT = [
     ("eval.py --ckpt {ckpt} --seconds 2 --resink --out {out}", "--resink", "--switches"),
     ("sample.py --ckpt {ckpt} --no-reencode --out {out}", "--no-reencode", "--switch"),
     ("eval.py --ckpt {ckpt} --seconds 2 --no-reencode --out {out}", "--no-reencode", "--switches"),
+    ("eval.py --ckpt {ckpt} --seconds 2 --reencode --out {out}", "--reencode", "--switches"),
     ("sample.py --ckpt {ckpt} --schedule rolling --sampler few --steps 3 --out {out}", "no history", "--steps"),
     ("sample.py --ckpt {ckpt} --topk 9 --out {out}", "--topk"),
     ("sample.py --ckpt {ckpt} --device tpu --out {out}", "--device"),
@@ -325,6 +326,23 @@ def test_logit_normal_levels_are_the_presets_default_for_the_flow_matching_metho
     distil = train.parse(["--method", "self", "--cpu"])   # DMD draws its own levels: the preset's must not leak in
     assert not distil.logit_normal
     train.check(distil)   # and the one-command distillation is not refused for a flag it was never given
+
+
+def test_a_switch_keeps_the_old_keys_by_default_only_for_a_model_trained_across_scene_events(trained, tmp_path):
+    sys.path.insert(0, ROOT)
+    import argparse
+    import sample
+    ckpt = torch.load(os.path.join(trained, "model.pt"), weights_only=True)
+    ckpt["args"]["event_clips"] = 0.25
+    torch.save(ckpt, tmp_path / "events.pt")
+
+    def reencodes(path, *flags):
+        p = argparse.ArgumentParser()
+        sample.add_args(p)
+        return sample.Stream(p.parse_args(["--ckpt", str(path), "--device", "cpu", *flags])).memory.reencode
+
+    assert reencodes(trained) and not reencodes(tmp_path / "events.pt")
+    assert reencodes(tmp_path / "events.pt", "--reencode") and not reencodes(trained, "--no-reencode")
 
 
 def test_help_shows_preset_defaults_and_only_the_flags_a_command_takes():
