@@ -65,8 +65,9 @@ def add_args(p, prompt=True):
                         "it keeps the first frames of the stream, re-encoded under it)")
     p.add_argument("--reencode", action=argparse.BooleanOptionalAction, default=None,
                    help="at each prompt switch the kept frames are re-encoded under the new caption (LongLive's "
-                        "re-cache), or with --no-reencode keep the keys made under the old one. Default: keep them "
-                        "for a model trained with --event-clips, which read them so in training; re-encode otherwise")
+                        "re-cache, the default), or with --no-reencode keep the keys made under the old one, as a "
+                        "model trained with --event-clips read them in training (docs/cpu-recipe.md section 18: "
+                        "re-encoding still follows more switches)")
     p.add_argument("--sampler", default=None, choices=("euler", "few"),
                    help="euler: many-step flow ODE with guidance; few: predict x0 and re-noise (distilled models). "
                         "Default: the one the checkpoint's method was trained for")
@@ -150,9 +151,7 @@ class Stream:
                 fail(f"a rolling window of {steps} chunks ({query} frames) leaves no history in the {cfg.frames} "
                      f"frames the model was trained on: use fewer --steps")
         self.memory = filling(policy, cfg.frames, cfg.chunk, query, args.sink, args.window, args.slow, args.tau)
-        trained_on_events = ckpt["args"].get("event_clips", 0.0) > 0   # stored only when on (trainer.LATER_FLAGS)
-        self.memory.resink = args.resink
-        self.memory.reencode = not trained_on_events if args.reencode is None else args.reencode
+        self.memory.resink, self.memory.reencode = args.resink, args.reencode is not False   # unset: re-encode
         if args.resink and policy not in ("sink", "slowfast"):
             fail(f"--resink moves the sink: the {policy} memory has none (use --memory sink or slowfast)")
         try:
