@@ -69,7 +69,6 @@ VOCAB = ["<pad>", "<unk>", "a", "an", "and", "over", *PALETTE, *SHAPES, *BACKDRO
 WORD_ID = {word: i for i, word in enumerate(VOCAB)}
 
 
-
 def caption_words(caption: str) -> list[str]:
     """The words of a caption as tokenize reads them: lower-cased, outer punctuation stripped."""
     return [w for w in (word.strip(".,;:!?\"'") for word in caption.lower().split()) if w]

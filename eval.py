@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from data import DataError, ToyWorld, WorldConfig
 from metrics import draw, evaluate, frame_strip
-from sample import DEFAULT_CKPT, Stream, add_args, fail, output_path
+from sample import DEFAULT_CKPT, Stream, add_args, fail, output_path, switch_flag
 
 # ---- input, output and the command line -------------------------------------------------------------------------
 
@@ -102,9 +102,8 @@ def main(argv=None):
         fail(f"--fps must be positive (got {args.fps})")
     if args.video and (args.ckpt != DEFAULT_CKPT or args.seconds is not None or args.minutes is not None):
         fail("give a video to score, or --ckpt (with --seconds or --minutes) to sample one, not both")
-    if (args.resink or args.reencode is not None) and not args.switches:
-        flag = "--resink" if args.resink else "--reencode" if args.reencode else "--no-reencode"
-        fail(f"{flag} acts at a prompt switch: it needs --switches")
+    if switch_flag(args) and not args.switches:
+        fail(f"{switch_flag(args)} acts at a prompt switch: it needs --switches")
     if args.switches and (args.video or args.no_events):
         fail("--switches prompts a stream sampled with --ckpt at the world's events; it cannot go with a video file "
              "or --no-events")

@@ -266,6 +266,13 @@ def output_path(path: str) -> str:
     return path
 
 
+def switch_flag(args) -> str | None:
+    """The flag given that only acts at a prompt switch (sample.py --switch, eval.py --switches), if any."""
+    if args.resink:
+        return "--resink"
+    return None if args.reencode is None else "--reencode" if args.reencode else "--no-reencode"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_args(p)
@@ -274,9 +281,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.scale < 1:
         fail("--scale must be positive")
-    if (args.resink or args.reencode is not None) and not args.switch:
-        flag = "--resink" if args.resink else "--reencode" if args.reencode else "--no-reencode"
-        fail(f"{flag} acts at a prompt switch: give --switch SECONDS:CAPTION")
+    if switch_flag(args) and not args.switch:
+        fail(f"{switch_flag(args)} acts at a prompt switch: give --switch SECONDS:CAPTION")
     out = output_path(args.out)
     stream = Stream(args)
     print(stream.describe())
