@@ -66,8 +66,8 @@ def parse(argv=None):
                    "context-teacher: the causal model, default with --cpu the shipped checkpoints/default.pt; "
                    "context: a self-forcing student, default one trained first into OUT/self from --base)")
     p.add_argument("--score", default=None, help="self, rolling: DMD's frozen score, a --method bidirectional model "
-                   f"of the same preset (default: with --cpu {os.path.relpath(SCORE_CKPT)} if shipped, else one "
-                   "trained first into OUT/score); context: the long-context teacher, a --method context-teacher "
+                   f"of the same preset (default: with --cpu and no --init {os.path.relpath(SCORE_CKPT)}, the shipped "
+                   "default's; else one trained first into OUT/score from --init); context: the long-context teacher, a --method context-teacher "
                    "model (default: one trained first into OUT/teacher from --base)")
     p.add_argument("--ode-steps", type=int, default=None, help="self, rolling: steps of Causal Forcing's ODE stage, "
                    "trained first into OUT/ode when --init is a many-step causal model (teacher, diffusion, "
@@ -143,10 +143,16 @@ def plan_stages(args):
     into the run directory (OUT/score, OUT/ode, OUT/teacher, OUT/self) by this same script."""
     args.stages = []
     shipped = DEFAULT_CKPT if args.preset == "cpu" else None
+    # the shipped score is the shipped default fine-tuned, so it is the score of that student only: a student named
+    # with --init (any other file) gets its own, fine-tuned from it (a score must know the world its student draws),
+    # and a resumed run keeps the score it trained
+    own_score = os.path.join(args.out, "score", "model.pt")
+    named = args.init and os.path.abspath(args.init) != os.path.abspath(shipped or "")
+    shipped_student = not named and not (args.resume and os.path.exists(own_score))
     if args.method in (*DISTILLED, ODE, CONTEXT_TEACHER) and args.init is None and not args.resume:
         args.init = shipped
-    if args.method in DISTILLED and args.score is None:   # the shipped score (--cpu), else trained first
-        args.score = SCORE_CKPT if shipped and os.path.exists(SCORE_CKPT) else os.path.join(args.out, "score", "model.pt")
+    if args.method in DISTILLED and args.score is None:   # the shipped score (--cpu, its student), else trained first
+        args.score = SCORE_CKPT if shipped and shipped_student and os.path.exists(SCORE_CKPT) else own_score
         if not os.path.exists(args.score) and args.init:
             args.stages.append(("stage 0: DMD's score, the student fine-tuned into a bidirectional model",
                                 os.path.dirname(args.score), ["--method", "bidirectional", "--steps",

@@ -172,6 +172,20 @@ def test_distillation_without_a_score_trains_one_first_and_the_student_from_the_
     assert moved < 0.1 * sum((fresh[k].float() - init[k].float()).norm() for k in init)
 
 
+def test_the_shipped_score_goes_with_the_shipped_student_only(trained, tmp_path):
+    sys.path.insert(0, ROOT)
+    import train
+    out = str(tmp_path / "run")
+    own = os.path.join(out, "score", "model.pt")
+    # no --init, or the shipped default named: the shipped score; any other student: its own score, trained first
+    for argv, score in (([], train.SCORE_CKPT), (["--init", train.DEFAULT_CKPT], train.SCORE_CKPT),
+                        (["--init", trained], own)):
+        args = train.parse(["--method", "self", "--cpu", "--out", out, *argv])
+        assert args.score == score, argv
+    what, where, argv = args.stages[0]
+    assert where == os.path.dirname(own) and argv[:2] == ["--method", "bidirectional"] and argv[-2:] == ["--init", trained]
+
+
 def test_context_forcing_from_a_base_model_with_one_command_then_streams_through_slowfast(trained, tmp_path,
                                                                                           monkeypatch):
     sys.path.insert(0, ROOT)
