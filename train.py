@@ -67,8 +67,8 @@ def parse(argv=None):
                    "context: a self-forcing student, default one trained first into OUT/self from --base)")
     p.add_argument("--score", default=None, help="self, rolling: DMD's frozen score, a --method bidirectional model "
                    f"of the same preset (default: with --cpu and no --init {os.path.relpath(SCORE_CKPT)}, the shipped "
-                   "default's; else one trained first into OUT/score from --init); context: the long-context teacher, a --method context-teacher "
-                   "model (default: one trained first into OUT/teacher from --base)")
+                   "default's; else one trained first into OUT/score from --init); context: the long-context teacher, "
+                   "a --method context-teacher model (default: one trained first into OUT/teacher from --base)")
     p.add_argument("--ode-steps", type=int, default=None, help="self, rolling: steps of Causal Forcing's ODE stage, "
                    "trained first into OUT/ode when --init is a many-step causal model (teacher, diffusion, "
                    "resampling), so that DMD starts from a few-step student (default: "

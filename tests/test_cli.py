@@ -182,7 +182,7 @@ def test_the_shipped_score_goes_with_the_shipped_student_only(trained, tmp_path)
                         (["--init", trained], own)):
         args = train.parse(["--method", "self", "--cpu", "--out", out, *argv])
         assert args.score == score, argv
-    what, where, argv = args.stages[0]
+    _, where, argv = args.stages[0]
     assert where == os.path.dirname(own) and argv[:2] == ["--method", "bidirectional"] and argv[-2:] == ["--init", trained]
 
 
