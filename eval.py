@@ -102,8 +102,9 @@ def main(argv=None):
         fail(f"--fps must be positive (got {args.fps})")
     if args.video and (args.ckpt != DEFAULT_CKPT or args.seconds is not None or args.minutes is not None):
         fail("give a video to score, or --ckpt (with --seconds or --minutes) to sample one, not both")
-    if switch_flag(args) and not args.switches:
-        fail(f"{switch_flag(args)} acts at a prompt switch: it needs --switches")
+    flag = switch_flag(args)
+    if flag and not args.switches:
+        fail(f"{flag} acts at a prompt switch: it needs --switches")
     if args.switches and (args.video or args.no_events):
         fail("--switches prompts a stream sampled with --ckpt at the world's events; it cannot go with a video file "
              "or --no-events")

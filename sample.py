@@ -59,7 +59,7 @@ def add_args(p, prompt=True):
         p.add_argument("--prompt", default=None, help="caption (default: the caption of ToyWorld scene --seed)")
         p.add_argument("--switch", action="append", default=None, metavar="SECONDS:CAPTION",
                        help="switch to CAPTION at SECONDS (rounded to a chunk): the kept frames are re-encoded under "
-                            "it or keep their keys (--reencode); repeat for more switches")
+                            "it (or keep their keys: --no-reencode); repeat for more switches")
     p.add_argument("--resink", action="store_true",
                    help="at each prompt switch the sink moves to the first frames made under the new caption (default: "
                         "it keeps the first frames of the stream, re-encoded under it)")
@@ -281,8 +281,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.scale < 1:
         fail("--scale must be positive")
-    if switch_flag(args) and not args.switch:
-        fail(f"{switch_flag(args)} acts at a prompt switch: give --switch SECONDS:CAPTION")
+    flag = switch_flag(args)
+    if flag and not args.switch:
+        fail(f"{flag} acts at a prompt switch: give --switch SECONDS:CAPTION")
     out = output_path(args.out)
     stream = Stream(args)
     print(stream.describe())

@@ -147,12 +147,13 @@ def plan_stages(args):
     # with --init (any other file) gets its own, fine-tuned from it (a score must know the world its student draws),
     # and a resumed run keeps the score it trained
     own_score = os.path.join(args.out, "score", "model.pt")
-    named = args.init and os.path.abspath(args.init) != os.path.abspath(shipped or "")
-    shipped_student = not named and not (args.resume and os.path.exists(own_score))
+    shipped_score = shipped is not None and os.path.exists(SCORE_CKPT) \
+        and (args.init is None or os.path.abspath(args.init) == os.path.abspath(shipped)) \
+        and not (args.resume and os.path.exists(own_score))
     if args.method in (*DISTILLED, ODE, CONTEXT_TEACHER) and args.init is None and not args.resume:
         args.init = shipped
     if args.method in DISTILLED and args.score is None:   # the shipped score (--cpu, its student), else trained first
-        args.score = SCORE_CKPT if shipped and shipped_student and os.path.exists(SCORE_CKPT) else own_score
+        args.score = SCORE_CKPT if shipped_score else own_score
         if not os.path.exists(args.score) and args.init:
             args.stages.append(("stage 0: DMD's score, the student fine-tuned into a bidirectional model",
                                 os.path.dirname(args.score), ["--method", "bidirectional", "--steps",
