@@ -92,26 +92,42 @@ def critic_loss(critic, x, tokens, cfg: DMDConfig, generator=None):
     return F.mse_loss(v.float(), eps - x)
 
 
+def chunk_prompt(tokens, i: int, chunk: int) -> torch.Tensor:
+    """The prompt (B, T) chunk i streams under: tokens (B, T), or of a caption per frame (B, F, T, train.py
+    --event-clips, whose events fall on chunk starts) that chunk's caption."""
+    if tokens.dim() == 2:
+        return tokens
+    part = tokens[:, i * chunk:(i + 1) * chunk]                                       # (B, chunk, T)
+    assert (part == part[:, :1]).all(), f"chunk {i} changes its caption inside the chunk"
+    return part[:, 0]
+
+
 def self_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: MemoryConfig, exit_step: int,
                  generator=None):
     """The student's few-step rollout of n_frames (whole chunks) through its KV cache: (B, n_frames, C, H, W).
 
     Every chunk runs the few-step sampler without gradient up to `exit_step`; that step runs with gradient (if
     grad is enabled at all) and its x0 prediction is the chunk. The clean re-cache runs without gradient.
+    tokens: the prompt (B, T), or a caption per frame (B, F, T): a clip across a scene event, where each chunk
+    streams under its own caption and the frames made before keep the keys of theirs, as a stream sampled with
+    --no-reencode switches (rollout.switch_prompt) and as the event-clip model was trained. The score and the
+    critic then read the same caption per frame, so DMD grades the switch.
     """
     c = model.cfg
     assert n_frames % c.chunk == 0 and 0 <= exit_step < len(cfg.levels), (n_frames, exit_step)
     B, device = tokens.shape[0], tokens.device
     sampler = SamplerConfig(kind="few", levels=cfg.levels, shift=cfg.shift)   # the student's, unguided
     cache = KVCache(memory, c.depth)
-    prompt = model.text(tokens)
-    denoise = denoiser(model, tokens, cache, prompt, sampler)
-    chunks = []
-    for _ in range(n_frames // c.chunk):
+    chunks, text = [], None
+    for i in range(n_frames // c.chunk):
+        now = chunk_prompt(tokens, i, c.chunk)
+        if text is None or not torch.equal(now, text):   # a new caption: later chunks run under it
+            text, prompt = now, model.text(now)
+            denoise = denoiser(model, text, cache, prompt, sampler)
         noise = torch.randn(B, c.chunk, c.channels, c.height, c.width, device=device, generator=generator)
         x0 = sample_few_step(denoise, noise, sampler.sigmas(), generator, exit_step)
         with torch.no_grad():
-            recache(model, x0.detach(), tokens, cache, prompt)
+            recache(model, x0.detach(), text, cache, prompt)
         chunks.append(x0)
     return torch.cat(chunks, dim=1)
 

@@ -38,6 +38,9 @@ from vae import VAEConfig
 MEMORY_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 CHECKPOINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
 DEFAULT_CKPT, SCORE_CKPT = os.path.join(CHECKPOINTS, "default.pt"), os.path.join(CHECKPOINTS, "score.pt")
+# --event-clips: the methods whose clips may carry a caption per frame (rolling's window, Context Forcing's memory
+# and the ODE stage's teacher run one caption per clip)
+EVENT_METHODS = (*STREAMED, "bidirectional", "self")
 
 
 def parse(argv=None):
@@ -91,10 +94,12 @@ def parse(argv=None):
                         "chunks, each drawn from the caption alone with no history (an ablation, off by default: "
                         "docs/cpu-recipe.md, section 9)")
     p.add_argument("--event-clips", type=float, default=0.0,
-                   help="teacher, diffusion, resampling on ToyWorld: this share of the training clips crosses one of "
-                        "the world's scene events, and every clip is conditioned on a caption per frame, so the model "
-                        "learns to follow a caption that changes mid-stream, as a prompt switch does (default 0: one "
-                        "caption per clip, its first frame's)")
+                   help="teacher, diffusion, resampling, bidirectional, self on ToyWorld: this share of the training "
+                        "clips crosses one of the world's scene events, and every clip is conditioned on a caption per "
+                        "frame, so the model learns to follow a caption that changes mid-stream, as a prompt switch "
+                        "does; self rolls out across the event and DMD grades it, with a score that reads a caption "
+                        "per frame (the score stage takes the flag too) (default 0: one caption per clip, its first "
+                        "frame's)")
     p.add_argument("--logit-normal", action=argparse.BooleanOptionalAction, default=None,
                    help="flow-matching methods: training noise levels logit-normal (SD3) instead of uniform, before "
                         f"the shift (default: {preset_defaults('logit_normal')}; docs/cpu-recipe.md, sections 12-13)")
@@ -155,9 +160,10 @@ def plan_stages(args):
     if args.method in DISTILLED and args.score is None:   # the shipped score (--cpu, its student), else trained first
         args.score = SCORE_CKPT if shipped_score else own_score
         if not os.path.exists(args.score) and args.init:
+            events = ["--event-clips", str(args.event_clips)] if args.event_clips else []   # it grades the switches
             args.stages.append(("stage 0: DMD's score, the student fine-tuned into a bidirectional model",
                                 os.path.dirname(args.score), ["--method", "bidirectional", "--steps",
-                                str(SCORE_STEPS[args.preset]), "--init", args.init]))
+                                str(SCORE_STEPS[args.preset]), "--init", args.init, *events]))
     if args.method in DISTILLED and args.ode_steps and args.init and many_step(args.init):
         ode = os.path.join(args.out, "ode", "model.pt")
         if not os.path.exists(ode):   # the score above starts from the many-step model, the student from its ODE
@@ -217,9 +223,9 @@ def check(args) -> dict | None:
     if not 0 <= args.first_chunks <= 1 or args.first_chunks and args.method not in STREAMED:
         raise SystemExit(f"train.py: error: --first-chunks is a share of the steps in [0, 1], for the causal "
                          f"flow-matching methods ({', '.join(STREAMED)})")
-    if not 0 <= args.event_clips <= 1 or args.event_clips and (args.method not in STREAMED or args.data):
-        raise SystemExit(f"train.py: error: --event-clips is a share of the clips in [0, 1], for the causal "
-                         f"flow-matching methods ({', '.join(STREAMED)}) on ToyWorld, whose events it knows")
+    if not 0 <= args.event_clips <= 1 or args.event_clips and (args.method not in EVENT_METHODS or args.data):
+        raise SystemExit(f"train.py: error: --event-clips is a share of the clips in [0, 1], for "
+                         f"{', '.join(EVENT_METHODS)} on ToyWorld, whose events it knows")
     if args.logit_normal and args.method not in METHODS:
         raise SystemExit(f"train.py: error: --logit-normal is for the flow-matching methods ({', '.join(METHODS)})")
     if args.object_weight != 1 and (args.method not in METHODS or args.data or args.object_weight <= 0):

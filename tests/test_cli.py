@@ -154,13 +154,16 @@ def test_distillation_without_a_score_trains_one_first_and_the_student_from_the_
     monkeypatch.setattr(train, "train", lambda args, init: started.append((args.method, args.init)) or
                         real_train(args, init))
     out = str(tmp_path / "self")
-    train.main(["--method", "self", "--tiny", "--init", trained, "--out", out, "--log-every", "1"])
+    # across scene events (--event-clips): the score that grades them is trained on them too, the ODE stage is not
+    train.main(["--method", "self", "--tiny", "--init", trained, "--out", out, "--log-every", "1",
+                "--event-clips", "0.5"])
     score_path, ode = (os.path.join(out, part, "model.pt") for part in ("score", "ode"))
     # the score is fine-tuned from the many-step model, the student distilled from that model's ODE stage
     assert started == [("bidirectional", trained), ("ode", trained), ("self", ode)]
     made = {path: torch.load(path, weights_only=True) for path in (score_path, ode, os.path.join(out, "model.pt"))}
     assert [(m["method"], m["step"]) for m in made.values()] == [("bidirectional", 2), ("ode", 3), ("self", 2)]
     assert made[os.path.join(out, "model.pt")]["args"]["score"] == score_path
+    assert [m["args"].get("event_clips") for m in made.values()] == [0.5, None, 0.5]
     score = made[score_path]
     # a few-step student (the ODE stage's, or one named with --ode-steps 0) is distilled as it is
     for argv in (["--init", ode], ["--init", trained, "--ode-steps", "0"]):
@@ -257,7 +260,7 @@ BAD_INPUT = [
     ("train.py --method teacher --tiny --first-chunks 1.5", "--first-chunks"),
     ("train.py --method bidirectional --tiny --first-chunks 0.5", "--first-chunks", "causal"),
     ("train.py --method teacher --tiny --event-clips 1.5", "--event-clips"),
-    ("train.py --method bidirectional --tiny --event-clips 0.5", "--event-clips", "causal"),
+    ("train.py --method rolling --tiny --event-clips 0.5", "--event-clips", "self"),
     ("train.py --method ode --tiny --init {ckpt} --object-weight 5", "--object-weight", "flow-matching"),
     ("train.py --method self --tiny --score {ckpt} --init {ckpt}", "bidirectional"),
     ("train.py --method teacher --tiny --ode-steps 5", "--ode-steps", "self"),

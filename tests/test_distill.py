@@ -103,6 +103,34 @@ def test_rollout_at_the_last_exit_step_is_what_streaming_makes():
     assert torch.allclose(trained, streamed, atol=1e-5)
 
 
+def test_a_rollout_across_an_event_is_the_stream_that_switches_without_reencode():
+    # train.py --event-clips with self: a caption per frame, the event at a chunk start. The rollout must be what
+    # sample.py streams with the switch there and --no-reencode (the old frames keep their keys), and a caption per
+    # frame that never changes must be the plain prompt
+    model = tiny(0)
+    randomise_heads(model)
+    cfg, dmd = model.cfg, DMDConfig(levels=(1.0, 0.5))
+    a, b = torch.randint(2, 20, (1, 6)), torch.randint(2, 20, (1, 6))
+    k = cfg.chunk * (cfg.frames // cfg.chunk // 2)   # the event: the middle chunk start
+    per_frame = torch.cat([a[:, None].expand(-1, k, -1), b[:, None].expand(-1, cfg.frames - k, -1)], 1)   # (1, F, T)
+    last = len(dmd.levels) - 1
+    with torch.no_grad():
+        trained = self_rollout(model, per_frame, cfg.frames, dmd, MemoryConfig("full"), last,
+                               torch.Generator().manual_seed(3))
+        plain = self_rollout(model, a, cfg.frames, dmd, MemoryConfig("full"), last, torch.Generator().manual_seed(3))
+        constant = self_rollout(model, a[:, None].expand(-1, cfg.frames, -1), cfg.frames, dmd, MemoryConfig("full"),
+                                last, torch.Generator().manual_seed(3))
+    sampler = SamplerConfig(kind="few", levels=dmd.levels, shift=dmd.shift, clip=None)
+    streams = {reencode: torch.cat(list(rollout(model, a, cfg.frames, MemoryConfig("full", reencode=reencode), sampler,
+                                                torch.Generator().manual_seed(3), switches={k: b})), dim=1)
+               for reencode in (False, True)}
+    assert torch.equal(constant, plain)
+    assert torch.allclose(trained, streams[False], atol=1e-5)
+    assert torch.allclose(trained[:, :k], plain[:, :k], atol=1e-6)          # the event changes nothing before it
+    assert not torch.allclose(trained[:, k:], plain[:, k:], atol=1e-3)      # and what follows it
+    assert not torch.allclose(trained[:, k:], streams[True][:, k:], atol=1e-3)
+
+
 def test_ode_pairs_are_the_teachers_own_stream_from_the_real_history():
     # Causal Forcing's causal ODE, all chunks at once in the teacher-forcing layout, must be for each chunk exactly
     # what sample.py's Euler sampler streams from the same noise after the real frames before it were re-cached
