@@ -94,12 +94,10 @@ def critic_loss(critic, x, tokens, cfg: DMDConfig, generator=None):
 
 def chunk_prompt(tokens, i: int, chunk: int) -> torch.Tensor:
     """The prompt (B, T) chunk i streams under: tokens (B, T), or of a caption per frame (B, F, T, train.py
-    --event-clips, whose events fall on chunk starts) that chunk's caption."""
-    if tokens.dim() == 2:
-        return tokens
-    part = tokens[:, i * chunk:(i + 1) * chunk]                                       # (B, chunk, T)
-    assert (part == part[:, :1]).all(), f"chunk {i} changes its caption inside the chunk"
-    return part[:, 0]
+    --event-clips) the caption of the chunk's first frame. The events that --event-clips places fall on chunk
+    starts; one that a random window happens to cross inside a chunk takes effect at the next chunk start, where
+    eval.py --switches switches too."""
+    return tokens if tokens.dim() == 2 else tokens[:, i * chunk]
 
 
 def self_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: MemoryConfig, exit_step: int,
@@ -137,6 +135,7 @@ def rolling_train_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: 
     """Rolling Forcing's training rollout: the rolling schedule of rollout.rolling_windows, where the
     windows w with w % W == exit_window run with gradient. Those windows do not overlap and together cover every
     chunk once, so each chunk's output is its one graded x0 prediction, at the level its window gave it.
+    tokens: the prompt (B, T) or a caption per frame (B, F, T), as for self_rollout.
     """
     c, W = model.cfg, len(cfg.levels)
     assert n_frames % c.chunk == 0 and 0 <= exit_window < W, (n_frames, exit_window)
@@ -144,8 +143,13 @@ def rolling_train_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: 
     out = [None] * n
     graded = lambda w: w % W == exit_window
     cache = KVCache(memory, c.depth)
-    for w, first, x0 in rolling_windows(model, tokens, n, few_step_sigmas(cfg.levels, cfg.shift), cache,
-                                        generator=generator, graded=graded):
+    # a caption per frame: each new caption switches the prompt when its first chunk enters the window, as a
+    # switch does at inference (the chunks still in the window finish under it)
+    captions = [chunk_prompt(tokens, i, c.chunk) for i in range(n)]
+    switches = {i: t for i, t in enumerate(captions) if i and not torch.equal(t, captions[i - 1])}
+    assert not switches or not memory.reencode, "a training rollout across an event keeps the old keys"
+    for w, first, x0 in rolling_windows(model, captions[0], n, few_step_sigmas(cfg.levels, cfg.shift), cache,
+                                        generator=generator, graded=graded, switches=switches):
         if graded(w):
             for j, part in enumerate(x0.split(c.chunk, dim=1), start=first):
                 assert out[j] is None, f"chunk {j} graded twice"
@@ -212,7 +216,7 @@ def student_rollout(method: str, model, tokens, n_frames: int, cfg: DMDConfig, g
     or for rolling, Rolling Forcing's with probability ROLLING_SHARE. Full memory: the rollout is one clip."""
     assert method in DISTILLED, method
     exit_step = int(torch.randint(len(cfg.levels), (1,), generator=generator))
-    memory = MemoryConfig("full")
+    memory = MemoryConfig("full", reencode=False)   # (across an event the frames made keep their caption's keys)
     if method == "rolling" and float(torch.rand(1, generator=generator)) < ROLLING_SHARE:
         return rolling_train_rollout(model, tokens, n_frames, cfg, memory, exit_step, generator)
     return self_rollout(model, tokens, n_frames, cfg, memory, exit_step, generator)

@@ -38,9 +38,9 @@ from vae import VAEConfig
 MEMORY_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 CHECKPOINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
 DEFAULT_CKPT, SCORE_CKPT = os.path.join(CHECKPOINTS, "default.pt"), os.path.join(CHECKPOINTS, "score.pt")
-# --event-clips: the methods whose clips may carry a caption per frame (rolling's window, Context Forcing's memory
-# and the ODE stage's teacher run one caption per clip)
-EVENT_METHODS = (*STREAMED, "bidirectional", "self")
+# --event-clips: the methods whose clips may carry a caption per frame (Context Forcing's memory and the ODE stage's
+# teacher run one caption per clip)
+EVENT_METHODS = (*STREAMED, "bidirectional", *DISTILLED)
 
 
 def parse(argv=None):
@@ -94,12 +94,12 @@ def parse(argv=None):
                         "chunks, each drawn from the caption alone with no history (an ablation, off by default: "
                         "docs/cpu-recipe.md, section 9)")
     p.add_argument("--event-clips", type=float, default=0.0,
-                   help="teacher, diffusion, resampling, bidirectional, self on ToyWorld: this share of the training "
-                        "clips crosses one of the world's scene events, and every clip is conditioned on a caption per "
-                        "frame, so the model learns to follow a caption that changes mid-stream, as a prompt switch "
-                        "does; self rolls out across the event and DMD grades it, with a score that reads a caption "
-                        "per frame (the score stage takes the flag too) (default 0: one caption per clip, its first "
-                        "frame's)")
+                   help="teacher, diffusion, resampling, bidirectional, self, rolling on ToyWorld: this share of the "
+                        "training clips crosses one of the world's scene events, and every clip is conditioned on a "
+                        "caption per frame, so the model learns to follow a caption that changes mid-stream, as a "
+                        "prompt switch does; self and rolling roll out across the event and DMD grades it, with a "
+                        "score that reads a caption per frame (the score stage takes the flag too) (default 0: one "
+                        "caption per clip, its first frame's)")
     p.add_argument("--logit-normal", action=argparse.BooleanOptionalAction, default=None,
                    help="flow-matching methods: training noise levels logit-normal (SD3) instead of uniform, before "
                         f"the shift (default: {preset_defaults('logit_normal')}; docs/cpu-recipe.md, sections 12-13)")

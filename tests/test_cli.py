@@ -260,7 +260,7 @@ BAD_INPUT = [
     ("train.py --method teacher --tiny --first-chunks 1.5", "--first-chunks"),
     ("train.py --method bidirectional --tiny --first-chunks 0.5", "--first-chunks", "causal"),
     ("train.py --method teacher --tiny --event-clips 1.5", "--event-clips"),
-    ("train.py --method rolling --tiny --event-clips 0.5", "--event-clips", "self"),
+    ("train.py --method context --tiny --event-clips 0.5", "--event-clips", "rolling"),
     ("train.py --method ode --tiny --init {ckpt} --object-weight 5", "--object-weight", "flow-matching"),
     ("train.py --method self --tiny --score {ckpt} --init {ckpt}", "bidirectional"),
     ("train.py --method teacher --tiny --ode-steps 5", "--ode-steps", "self"),

@@ -127,3 +127,24 @@ def test_a_switch_leaves_the_chunks_that_left_the_window_and_re_encodes_the_cach
         recache(model, switched[:, j * c:(j + 1) * c], b, under_b)
     for k, k_b in zip(cache.k, under_b.k):
         assert torch.allclose(k, k_b, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_training_rollout_across_an_event_switches_where_the_chunk_enters_the_window():
+    # train.py --event-clips with rolling: a caption per frame. One that never changes is the plain prompt; an
+    # event at chunk k switches the prompt at window k, so the chunks graded in earlier windows are untouched
+    model, n, W = tiny(), 7, len(LEVELS)
+    c, k = model.cfg.chunk, 4
+    a, b = torch.randint(2, 20, (1, 6)), torch.randint(2, 20, (1, 6))
+    per_frame = torch.cat([a[:, None].expand(-1, k * c, -1), b[:, None].expand(-1, (n - k) * c, -1)], 1)   # (1, F, T)
+    memory, dmd = MemoryConfig("full", reencode=False), DMDConfig(levels=LEVELS)
+    for exit_window in range(W):
+        run = lambda tokens: rolling_train_rollout(model, tokens, n * c, dmd, memory, exit_window,
+                                                   torch.Generator().manual_seed(2))
+        plain, constant, event = run(a), run(a[:, None].expand(-1, n * c, -1)), run(per_frame)
+        assert torch.equal(constant, plain)
+        # chunk j is graded in window w: the one with w % W == exit_window among j..j + W - 1
+        window = [next(w for w in range(j, j + W) if w % W == exit_window) for j in range(n)]
+        for j in range(n):
+            same = torch.allclose(event[:, j * c:(j + 1) * c], plain[:, j * c:(j + 1) * c], atol=1e-6)
+            assert same == (window[j] < k), (exit_window, j, window[j])
