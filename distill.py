@@ -92,12 +92,15 @@ def critic_loss(critic, x, tokens, cfg: DMDConfig, generator=None):
     return F.mse_loss(v.float(), eps - x)
 
 
-def chunk_prompt(tokens, i: int, chunk: int) -> torch.Tensor:
-    """The prompt (B, T) chunk i streams under: tokens (B, T), or of a caption per frame (B, F, T, train.py
-    --event-clips) the caption of the chunk's first frame. The events that --event-clips places fall on chunk
-    starts; one that a random window happens to cross inside a chunk takes effect at the next chunk start, where
-    eval.py --switches switches too."""
-    return tokens if tokens.dim() == 2 else tokens[:, i * chunk]
+def chunk_prompts(tokens, n_chunks: int, chunk: int) -> dict:
+    """{chunk index: prompt (B, T)} for chunk 0 and every chunk whose caption differs from the one before: tokens
+    (B, T) gives {0: tokens}; a caption per frame (B, F, T, train.py --event-clips) gives each chunk its first
+    frame's caption. The events that --event-clips places fall on chunk starts; one that a random window happens
+    to cross inside a chunk takes effect at the next chunk start, where eval.py --switches switches too."""
+    if tokens.dim() == 2:
+        return {0: tokens}
+    firsts = tokens[:, ::chunk][:, :n_chunks]                                          # (B, n_chunks, T)
+    return {i: firsts[:, i] for i in range(n_chunks) if i == 0 or not torch.equal(firsts[:, i], firsts[:, i - 1])}
 
 
 def self_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: MemoryConfig, exit_step: int,
@@ -116,11 +119,11 @@ def self_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: MemoryCon
     B, device = tokens.shape[0], tokens.device
     sampler = SamplerConfig(kind="few", levels=cfg.levels, shift=cfg.shift)   # the student's, unguided
     cache = KVCache(memory, c.depth)
-    chunks, text = [], None
+    captions, chunks = chunk_prompts(tokens, n_frames // c.chunk, c.chunk), []
     for i in range(n_frames // c.chunk):
-        now = chunk_prompt(tokens, i, c.chunk)
-        if text is None or not torch.equal(now, text):   # a new caption: later chunks run under it
-            text, prompt = now, model.text(now)
+        if i in captions:   # a new caption: this chunk and the later ones run under it
+            text = captions[i]
+            prompt = model.text(text)
             denoise = denoiser(model, text, cache, prompt, sampler)
         noise = torch.randn(B, c.chunk, c.channels, c.height, c.width, device=device, generator=generator)
         x0 = sample_few_step(denoise, noise, sampler.sigmas(), generator, exit_step)
@@ -145,10 +148,10 @@ def rolling_train_rollout(model, tokens, n_frames: int, cfg: DMDConfig, memory: 
     cache = KVCache(memory, c.depth)
     # a caption per frame: each new caption switches the prompt when its first chunk enters the window, as a
     # switch does at inference (the chunks still in the window finish under it)
-    captions = [chunk_prompt(tokens, i, c.chunk) for i in range(n)]
-    switches = {i: t for i, t in enumerate(captions) if i and not torch.equal(t, captions[i - 1])}
+    switches = chunk_prompts(tokens, n, c.chunk)
+    start = switches.pop(0)
     assert not switches or not memory.reencode, "a training rollout across an event keeps the old keys"
-    for w, first, x0 in rolling_windows(model, captions[0], n, few_step_sigmas(cfg.levels, cfg.shift), cache,
+    for w, first, x0 in rolling_windows(model, start, n, few_step_sigmas(cfg.levels, cfg.shift), cache,
                                         generator=generator, graded=graded, switches=switches):
         if graded(w):
             for j, part in enumerate(x0.split(c.chunk, dim=1), start=first):
