@@ -27,7 +27,7 @@ import torch
 from checkpoint import CheckpointError, check_same_model, latest_checkpoint, load_checkpoint
 from context import CONTEXT, CONTEXT_TEACHER
 from data import DataError
-from distill import DISTILLED, ODE
+from distill import DISTILLED, ODE, DMDConfig
 from forcing import METHODS
 from model import DiTConfig, pick_device
 from recipe import (CONTEXT_RECIPE, DISTILL, DMD, FINE_TUNED, ODE_STEPS, PRESETS, RECIPE, SCORE_STEPS, STREAMED,
@@ -76,6 +76,9 @@ def parse(argv=None):
                    "trained first into OUT/ode when --init is a many-step causal model (teacher, diffusion, "
                    "resampling), so that DMD starts from a few-step student (default: "
                    + ", ".join(f"{k} {v}" for k, v in ODE_STEPS.items()) + "; 0: distil --init as it is)")
+    p.add_argument("--score-guidance", type=float, default=DMDConfig.guidance,
+                   help="self, rolling, context: the score's classifier-free guidance g in DMD's form "
+                   "cond + g (cond - uncond), standard guidance g + 1 (default: %(default)g, the reference's)")
     p.add_argument("--base", default=None, help="context: the causal model the teacher and the self-forcing stage "
                    "start from when they are trained first (default with --cpu: checkpoints/default.pt)")
     p.add_argument("--vae", default=None,
@@ -226,6 +229,8 @@ def check(args) -> dict | None:
     if not 0 <= args.event_clips <= 1 or args.event_clips and (args.method not in EVENT_METHODS or args.data):
         raise SystemExit(f"train.py: error: --event-clips is a share of the clips in [0, 1], for "
                          f"{', '.join(EVENT_METHODS)} on ToyWorld, whose events it knows")
+    if args.score_guidance < 0 or args.score_guidance != DMDConfig.guidance and args.method not in DMD:
+        raise SystemExit(f"train.py: error: --score-guidance must be >= 0 and is for the DMD methods ({', '.join(DMD)})")
     if args.logit_normal and args.method not in METHODS:
         raise SystemExit(f"train.py: error: --logit-normal is for the flow-matching methods ({', '.join(METHODS)})")
     if args.object_weight != 1 and (args.method not in METHODS or args.data or args.object_weight <= 0):

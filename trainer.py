@@ -42,7 +42,7 @@ from videos import VideoFolder
 
 # flags added after runs were stored (the shipped default among them): at this value a run is what it was before
 # the flag existed, so its settings leave the flag out and such runs still resume and still match their preset
-LATER_FLAGS = {"event_clips": 0.0}
+LATER_FLAGS = {"event_clips": 0.0, "score_guidance": DMDConfig.guidance}
 
 
 def settings(args) -> dict:
@@ -253,7 +253,7 @@ def train(args, init: dict | None = None):
     distiller = None
     if distilling:   # the critic starts as the score: the closest model to the student's samples there is
         score, critic = (model_from_checkpoint(score_ckpt).float().to(device) for _ in range(2))
-        dmd = DMDConfig(levels=few_step_levels(args.method, cfg), shift=recipe["shift"])
+        dmd = DMDConfig(levels=few_step_levels(args.method, cfg), shift=recipe["shift"], guidance=args.score_guidance)
         distiller = ContextDistiller(score, critic, dmd, args.lr, ctx) if args.method == CONTEXT else \
             Distiller(args.method, score, critic, dmd, args.lr)
     bank = ErrorBank(ctx) if args.method == CONTEXT_TEACHER else None   # the teacher's error recycling

@@ -264,6 +264,8 @@ BAD_INPUT = [
     ("train.py --method ode --tiny --init {ckpt} --object-weight 5", "--object-weight", "flow-matching"),
     ("train.py --method self --tiny --score {ckpt} --init {ckpt}", "bidirectional"),
     ("train.py --method teacher --tiny --ode-steps 5", "--ode-steps", "self"),
+    ("train.py --method teacher --tiny --score-guidance 2", "--score-guidance", "self"),
+    ("train.py --method self --tiny --score {ckpt} --init {ckpt} --score-guidance -1", "--score-guidance"),
     ("train.py --method self --tiny --score {ckpt} --init {ckpt} --ode-steps -1", "--ode-steps"),
     ("train.py --tiny --topk 7", "--topk 7", "history frames"),
     ("train.py --tiny --route-sink 9", "--route-sink"),
