@@ -6,7 +6,8 @@ Compare eval.py runs side by side: one markdown table of the figures and drifts,
 
 Each argument is LABEL=DIR[,DIR...]: the eval.py output folders (each holds an eval.json) of one model, say one
 per prompt seed. A cell of the table is the mean over that model's folders, "± sd" when there are several (the
-spread over streams, which says how far apart two models must be before the gap means anything). Drift rows are
+spread over streams, which says how far apart two models must be before the gap means anything); identity after a
+gap is also pooled over the streams' scored gaps, with what the misses changed (shape or colour). Drift rows are
 eval.py's drift summaries: the mean of a curve over the last WINDOW_S seconds minus over the first. Drift-share
 rows put the move of a curve between its first and last SHARE_S seconds on the scale from the world's own video to
 noise (metrics.drift_share), for the streams and for the world's own video of the same scenes and length: the
@@ -144,11 +145,27 @@ def switch_cells(runs):
     return head, tail
 
 
+def gap_cell(runs):
+    """Pooled over the runs' scored gaps: matched of scored, and of the misses how many changed shape and how many
+    colour (a miss can do both); "-" without a scored gap. An older eval.json lacks the breakdown: count only."""
+    gaps = [g for r in runs for g in r.get("gaps", []) if g["scored"]]
+    if not gaps:
+        return "-"
+    head = f"{sum(bool(g['match']) for g in gaps)} of {len(gaps)}"
+    misses = [g for g in gaps if not g["match"]]
+    if not misses or "shape_kept" not in misses[0]:
+        return head
+    return head + (f" (misses: {sum(not g['shape_kept'] for g in misses)} changed shape, "
+                   f"{sum(not g['colour_kept'] for g in misses)} colour)")
+
+
 def table(models) -> str:
     labels = list(models)
     rows = ["| metric | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     for name in FIGURES + NEWER:
         rows.append(f"| {name} | " + " | ".join(cell([r["figures"].get(name) for r in models[m]]) for m in labels) + " |")
+    rows.append("| identity after a gap, pooled: gaps matched | " + " | ".join(gap_cell(models[m]) for m in labels)
+                + " |")
     for name in CURVES:
         rows.append(f"| {name}: drift (last {WINDOW_S:g} s - first) | " +
                     " | ".join(cell([r["drift"][name]["delta"] for r in models[m]]) for m in labels) + " |")

@@ -254,8 +254,9 @@ def motion(det, shift, limit, window):
 def identity_after_gap(det, fps):
     """Every gap: a run of frames in which an object (a colour) that was seen is not seen, ended by its return.
     It is scored if the object is clean at least once in its run of frames just before the gap and in its run
-    just after; it then matches if its last clean shape before equals its first clean shape after and their mean
-    colours are within COLOUR_MATCH. Returns one dict per gap, with its length and GAP_BUCKETS bucket."""
+    just after; it then matches if its last clean shape before equals its first clean shape after (shape_kept) and
+    their mean colours are within COLOUR_MATCH (colour_kept). Returns one dict per gap, with its length and
+    GAP_BUCKETS bucket."""
     gaps = []
     for c, colour in enumerate(COLOURS):
         edges = np.diff(np.r_[0, det["present"][:, c].astype(int), 0])
@@ -265,11 +266,13 @@ def identity_after_gap(det, fps):
             after = s1 + np.flatnonzero(det["clean"][s1:e1, c])
             seconds = (s1 - e0) / fps
             gap = {"colour": colour, "start": int(e0), "frames": int(s1 - e0), "seconds": seconds,
-                   "bucket": next(name for top, name in GAP_BUCKETS if seconds < top), "scored": False, "match": None}
+                   "bucket": next(name for top, name in GAP_BUCKETS if seconds < top), "scored": False, "match": None,
+                   "shape_kept": None, "colour_kept": None}
             if len(before) and len(after):
                 a, b = before[-1], after[0]
-                gap.update(scored=True, match=bool(det["shape"][a, c] == det["shape"][b, c] and
-                                                   np.linalg.norm(det["rgb"][a, c] - det["rgb"][b, c]) <= COLOUR_MATCH))
+                shape = bool(det["shape"][a, c] == det["shape"][b, c])
+                colour = bool(np.linalg.norm(det["rgb"][a, c] - det["rgb"][b, c]) <= COLOUR_MATCH)
+                gap.update(scored=True, match=shape and colour, shape_kept=shape, colour_kept=colour)
             gaps.append(gap)
     return gaps
 

@@ -221,7 +221,9 @@ def test_shape_swap_after_a_gap_breaks_identity(seed3):
     swapped[start:] = swapped_world.render(start, len(frames) - start)
     r = M.evaluate(swapped, world, FPS)
     assert r["figures"]["identity_match"] < 1
-    assert any(g["colour"] == gap["colour"] and g["start"] == gap["start"] and g["match"] is False for g in r["gaps"])
+    miss = next(g for g in r["gaps"] if g["colour"] == gap["colour"] and g["start"] == gap["start"])
+    assert miss["match"] is False and miss["shape_kept"] is False and miss["colour_kept"] is True
+    assert all(g["shape_kept"] and g["colour_kept"] for g in real["gaps"] if g["scored"])
 
 
 def test_objects_unlike_the_caption_lower_prompt_colour_and_shape(seed3):
@@ -267,6 +269,18 @@ def test_compare_pools_prompt_switches(seed3):
     backdrop = np.mean([s["first_second"]["backdrop"] for s in runs[1]["prompt_switch"]])
     assert backdrop == 0 and parts.startswith("0.50 / ")
     assert compare.switch_cells([{**runs[0], "prompt_switch": []}]) is None   # sampled without --switches
+
+
+def test_compare_pools_gaps_and_names_what_the_misses_changed(seed3):
+    import compare
+
+    world, frames, real = seed3
+    scored = [g for g in real["gaps"] if g["scored"]]
+    assert compare.gap_cell([real]) == f"{len(scored)} of {len(scored)}"
+    changed = {**real, "gaps": [{**g, "match": False, "shape_kept": False} for g in real["gaps"]]}   # every shape
+    assert compare.gap_cell([real, changed]) == \
+        f"{len(scored)} of {2 * len(scored)} (misses: {len(scored)} changed shape, 0 colour)"
+    assert compare.gap_cell([{**real, "gaps": []}]) == "-"
 
 
 # ---- drift summaries --------------------------------------------------------------------------------------------
