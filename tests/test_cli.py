@@ -153,10 +153,14 @@ def test_distillation_without_a_score_trains_one_first_and_the_student_from_the_
     real_train = train.train
     monkeypatch.setattr(train, "train", lambda args, init: started.append((args.method, args.init)) or
                         real_train(args, init))
+    import trainer
+    guidance, real_distiller = [], trainer.Distiller   # the score's guidance DMD is built with
+    monkeypatch.setattr(trainer, "Distiller", lambda method, score, critic, dmd, lr: guidance.append(dmd.guidance) or
+                        real_distiller(method, score, critic, dmd, lr))
     out = str(tmp_path / "self")
     # across scene events (--event-clips): the score that grades them is trained on them too, the ODE stage is not
     train.main(["--method", "self", "--tiny", "--init", trained, "--out", out, "--log-every", "1",
-                "--event-clips", "0.5"])
+                "--event-clips", "0.5", "--score-guidance", "2"])
     score_path, ode = (os.path.join(out, part, "model.pt") for part in ("score", "ode"))
     # the score is fine-tuned from the many-step model, the student distilled from that model's ODE stage
     assert started == [("bidirectional", trained), ("ode", trained), ("self", ode)]
@@ -164,6 +168,7 @@ def test_distillation_without_a_score_trains_one_first_and_the_student_from_the_
     assert [(m["method"], m["step"]) for m in made.values()] == [("bidirectional", 2), ("ode", 3), ("self", 2)]
     assert made[os.path.join(out, "model.pt")]["args"]["score"] == score_path
     assert [m["args"].get("event_clips") for m in made.values()] == [0.5, None, 0.5]
+    assert guidance == [2.0] and [m["args"].get("score_guidance") for m in made.values()] == [None, None, 2.0]
     score = made[score_path]
     # a few-step student (the ODE stage's, or one named with --ode-steps 0) is distilled as it is
     for argv in (["--init", ode], ["--init", trained, "--ode-steps", "0"]):
