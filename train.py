@@ -77,8 +77,9 @@ def parse(argv=None):
                    "resampling), so that DMD starts from a few-step student (default: "
                    + ", ".join(f"{k} {v}" for k, v in ODE_STEPS.items()) + "; 0: distil --init as it is)")
     p.add_argument("--score-guidance", type=float, default=DMDConfig.guidance,
-                   help="self, rolling, context: the score's classifier-free guidance g in DMD's form "
-                   "cond + g (cond - uncond), standard guidance g + 1 (default: %(default)g, the reference's)")
+                   help="self, rolling, context (its contextual DMD stage): the score's classifier-free guidance g in "
+                   "DMD's form cond + g (cond - uncond), standard guidance g + 1 (default: %(default)g, the "
+                   "reference's)")
     p.add_argument("--base", default=None, help="context: the causal model the teacher and the self-forcing stage "
                    "start from when they are trained first (default with --cpu: checkpoints/default.pt)")
     p.add_argument("--vae", default=None,
@@ -230,7 +231,8 @@ def check(args) -> dict | None:
         raise SystemExit(f"train.py: error: --event-clips is a share of the clips in [0, 1], for "
                          f"{', '.join(EVENT_METHODS)} on ToyWorld, whose events it knows")
     if args.score_guidance < 0 or args.score_guidance != DMDConfig.guidance and args.method not in DMD:
-        raise SystemExit(f"train.py: error: --score-guidance must be >= 0 and is for the DMD methods ({', '.join(DMD)})")
+        raise SystemExit(f"train.py: error: --score-guidance must be >= 0 and is for the DMD methods "
+                         f"({', '.join(DMD)})")
     if args.logit_normal and args.method not in METHODS:
         raise SystemExit(f"train.py: error: --logit-normal is for the flow-matching methods ({', '.join(METHODS)})")
     if args.object_weight != 1 and (args.method not in METHODS or args.data or args.object_weight <= 0):
