@@ -87,9 +87,13 @@ def bf16(preset: str, device: str) -> bool:
 
 
 def clip_config(args) -> DiTConfig:
-    """The preset's model, with --frames as its training clip (its trained range) when given."""
+    """The preset's model, with --frames as its training clip (its trained range) and --dim as its width when
+    given: a wider model keeps the preset's head size (more heads) and its MLP's ratio to the width."""
     cfg = DiTConfig.preset(args.preset)
     cfg.frames = args.frames or cfg.frames
+    if args.dim:
+        head = cfg.dim // cfg.heads
+        cfg.heads, cfg.ffn, cfg.dim = args.dim // head, cfg.ffn * args.dim // cfg.dim, args.dim
     return cfg
 
 

@@ -111,6 +111,10 @@ def parse(argv=None):
                    help="teacher, diffusion, resampling, bidirectional: training clip length in frames, the model's "
                         "trained range and so the context it streams with (default: the preset's; a whole number "
                         "of chunks)")
+    p.add_argument("--dim", type=int, default=None,
+                   help="teacher, diffusion, resampling, bidirectional from nothing: the DiT's width (default: the "
+                        "preset's); the heads keep the preset's head size and the MLP its ratio to the width "
+                        "(docs/cpu-recipe.md section 20)")
     rs = p.add_argument_group("resampling")
     rs.add_argument("--resample-mode", default="autoregressive", choices=("autoregressive", "parallel", "noise"),
                     help="how the history is degraded (the rows of the paper's Table 2)")
@@ -212,6 +216,10 @@ def check(args) -> dict | None:
                                     or args.frames % cfg.chunk):
         raise SystemExit(f"train.py: error: --frames must be a whole number of chunks ({cfg.chunk} frames), at least "
                          f"two, and is for the methods that train from nothing ({', '.join(METHODS)})")
+    head = DiTConfig.preset(args.preset).dim // DiTConfig.preset(args.preset).heads
+    if args.dim is not None and (args.method not in METHODS or args.init or args.dim < head or args.dim % head):
+        raise SystemExit(f"train.py: error: --dim must be a multiple of the --{args.preset} head size {head}, for the "
+                         f"methods that train from nothing ({', '.join(METHODS)}; a fine-tune keeps its --init's width)")
     history = cfg.frames - cfg.chunk   # history frames the last chunk of a training clip has
     if not 0 <= args.route_sink <= history:
         raise SystemExit(f"train.py: error: --route-sink must be in 0..{history} (the history of a training clip)")
