@@ -99,16 +99,26 @@ def switch_prompt(model, cache: KVCache, text, prompt=None):
 
 def denoiser(model, text, cache: KVCache, prompt, sampler: SamplerConfig):
     """denoise(x, sigma) -> v for a chunk x (B, n, C, H, W) against the cache; text is the stream's prompt batch
-    (prompts(tokens, sampler.guided)): under guidance x runs beside itself under the null prompt."""
+    (prompts(tokens, sampler.guided)): under guidance x runs beside itself under the null prompt.
+
+    sampler.history != 1 adds history guidance (Song et al. 2025, History-Guided Video Diffusion): the chunk also
+    runs alone, as the first chunk of a clip, under the prompt, and the step moves further from that prediction
+    towards the one that reads the cache, v += (history - 1) (v_cache - v_alone), at the levels up to
+    sampler.history_sigma. A model trained block-causally knows the no-history case (every clip's first chunk),
+    so this needs no training; it makes the chunk copy what the history shows, the objects' shapes above all.
+    At the high levels, where a chunk's layout is decided, it would also amplify every object's growth from
+    chunk to chunk until one fills the frame: hence the interval (docs/cpu-recipe.md section 21)."""
     def denoise(x, s):
         assert text.shape[0] == (2 if sampler.guided else 1) * x.shape[0], (text.shape, x.shape)
         xx = torch.cat([x, x]) if sampler.guided else x
         sigma = torch.full(xx.shape[:2], s, device=x.device)
         v = model.forward_cached(xx, sigma, text, cache, prompt=prompt)[0].float()
-        if not sampler.guided:
-            return v
-        v_cond, v_null = v.chunk(2)
-        return v_null + sampler.cfg * (v_cond - v_null)
+        v_cond, v_null = v.chunk(2) if sampler.guided else (v, v)
+        out = v_null + sampler.cfg * (v_cond - v_null)
+        if sampler.history != 1 and cache.frames and s <= sampler.history_sigma:
+            alone = model(x, sigma[:x.shape[0]], text[:x.shape[0]], layout="block_causal").float()
+            out = out + (sampler.history - 1) * (v_cond - alone)
+        return out
     return denoise
 
 

@@ -7,9 +7,9 @@ import forcing
 from flow import (SamplerConfig, add_noise, chunk_sigma, euler_sigmas, few_step_sigmas, sample_euler, sample_few_step,
                   shift_sigma, to_x0)
 from forcing import LOSSES, ResamplingConfig, flow_loss, resample_history
-from memory import MemoryConfig
+from memory import KVCache, MemoryConfig
 from model import DiT, DiTConfig
-from rollout import rollout
+from rollout import denoiser, prompts, recache, rollout
 
 
 def test_shift_and_warped_few_step_list():
@@ -143,6 +143,43 @@ def test_streaming_reproduces_a_memorised_clip(method):
                                    torch.Generator().manual_seed(1))), dim=1)
     rel = ((video - x0) ** 2).mean(dim=(0, 2, 3, 4)) / x0.var()            # per frame, 1 = knows nothing
     assert (rel < 0.25).all(), f"{method}: per-frame error / variance {rel.tolist()}"
+
+
+def test_history_guidance_extrapolates_from_the_chunk_alone_to_the_chunk_on_the_cache():
+    # the no-history branch must be the chunk with no history at all: the same chunk streamed against an empty
+    # cache (a different code path: the cached call, not the clip forward). Against an empty cache, and above
+    # its highest level, the guidance is off; else it moves the guided step by (G - 1)(v_cache - v_alone).
+    model, cfg, x0, tokens = randomised_tiny(3)
+    model.eval()
+    G, s = 2.5, 0.4
+    plain, hist = SamplerConfig(steps=4, cfg=3.0, shift=1.0), SamplerConfig(steps=4, cfg=3.0, shift=1.0, history=G)
+    text = prompts(tokens, True)
+    x = torch.randn(2, cfg.chunk, 3, cfg.height, cfg.width, generator=torch.Generator().manual_seed(4))
+    sigma = torch.full((2, cfg.chunk), s)
+    with torch.no_grad():
+        cache = KVCache(MemoryConfig("full"), cfg.depth)
+        torch.testing.assert_close(denoiser(model, text, cache, None, hist)(x, s),
+                                   denoiser(model, text, cache, None, plain)(x, s))
+        v_alone = model.forward_cached(x, sigma, tokens, KVCache(MemoryConfig("full"), cfg.depth))[0]
+        for i in range(0, 4, cfg.chunk):
+            recache(model, x0[:, i:i + cfg.chunk], text, cache)
+        v_cache = model.forward_cached(torch.cat([x, x]), torch.cat([sigma, sigma]), text, cache)[0][:2]
+        want = denoiser(model, text, cache, None, plain)(x, s) + (G - 1) * (v_cache - v_alone)
+        got = denoiser(model, text, cache, None, hist)(x, s)
+        above = [denoiser(model, text, cache, None, sampler)(x, hist.history_sigma + 0.1) for sampler in (hist, plain)]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert (got - denoiser(model, text, cache, None, plain)(x, s)).abs().max() > 1e-3
+    torch.testing.assert_close(*above)
+
+
+def test_history_guidance_leaves_the_first_chunk_and_changes_the_rest():
+    model, cfg, _, tokens = randomised_tiny(5)
+    model.eval()
+    streams = [torch.cat(list(rollout(model, tokens, 3 * cfg.chunk, MemoryConfig("full"),
+                                      SamplerConfig(steps=4, cfg=2.0, shift=1.0, history=h, history_sigma=1.0),
+                                      torch.Generator().manual_seed(6))), dim=1) for h in (1.0, 3.0)]
+    torch.testing.assert_close(streams[0][:, :cfg.chunk], streams[1][:, :cfg.chunk])
+    assert (streams[0][:, cfg.chunk:] - streams[1][:, cfg.chunk:]).abs().max() > 1e-3
 
 
 def randomised_tiny(seed=0):
