@@ -79,14 +79,13 @@ def add_args(p, prompt=True):
                    help=f"denoising calls per chunk (default: the checkpoint's own, else {STEPS})")
     p.add_argument("--cfg", type=float, default=None,
                    help=f"classifier-free guidance scale, 1 = off (default: the checkpoint's own, else {CFG:g})")
-    p.add_argument("--history-guidance", type=float, default=None, metavar="G",
-                   help="history guidance scale, 1 = off: each chunk also runs without the cache and the step moves "
-                        "G - 1 further towards the cache's prediction (one more pass a step, the chunked schedule; "
-                        "default: the checkpoint's own, else 1)")
-    p.add_argument("--history-sigma", type=float, default=None, metavar="S",
+    p.add_argument("--history-guidance", type=float, default=SamplerConfig.history, metavar="G",
+                   help="history guidance scale, 1 = off (the default; docs/cpu-recipe.md section 21): each chunk also "
+                        "runs without the cache and the step moves G - 1 further towards the cache's prediction (one "
+                        "more pass a step, the chunked schedule)")
+    p.add_argument("--history-sigma", type=float, default=SamplerConfig.history_sigma, metavar="S",
                    help="history guidance runs at the noise levels up to S only (1 = at every level, where it grows "
-                        "objects until they fill the frame; default: the checkpoint's own, else "
-                        f"{SamplerConfig.history_sigma:g})")
+                        "objects until they fill the frame; default: %(default)g)")
     p.add_argument("--topk", type=int, default=None,
                    help="history routing: top-k history frames per query (0 = dense; default: as trained)")
     p.add_argument("--fp32", action="store_true",
@@ -120,9 +119,9 @@ class Stream:
             fail(f"{seconds:g} s at {args.fps} frames/s is no frame at all; ask for at least {1 / args.fps:g} s")
         if args.cfg is not None and args.cfg < 0:
             fail(f"--cfg must be >= 0 (1 = no guidance; got {args.cfg:g})")
-        if args.history_guidance is not None and args.history_guidance < 0:
+        if args.history_guidance < 0:
             fail(f"--history-guidance must be >= 0 (1 = off; got {args.history_guidance:g})")
-        if args.history_sigma is not None and not 0 <= args.history_sigma <= 1:
+        if not 0 <= args.history_sigma <= 1:
             fail(f"--history-sigma is a noise level in [0, 1] (got {args.history_sigma:g})")
         try:
             self.device = pick_device(args.device)
@@ -148,11 +147,8 @@ class Stream:
         if "sampler" in ckpt and kind == SAMPLER[ckpt["method"]]:   # the checkpoint's own, for the sampler it made
             own = ckpt["sampler"]
         steps = args.steps or own["steps"]
-        history = own.get("history", 1.0) if args.history_guidance is None else args.history_guidance
-        history_sigma = (own.get("history_sigma", SamplerConfig.history_sigma) if args.history_sigma is None
-                         else args.history_sigma)
         self.sampler = SamplerConfig(kind=kind, steps=steps, cfg=own["cfg"] if args.cfg is None else args.cfg,
-                                     history=history, history_sigma=history_sigma,
+                                     history=args.history_guidance, history_sigma=args.history_sigma,
                                      shift=ckpt["shift"],
                                      levels=tuple(1 - i / steps for i in range(steps)),
                                      clip=None if self.vae else 1.0)
@@ -162,7 +158,7 @@ class Stream:
         if self.schedule == "rolling":
             if kind != "few":
                 fail("--schedule rolling runs the few-step levels of a distilled model: add --sampler few")
-            if history != 1:
+            if args.history_guidance != 1:
                 fail("--history-guidance runs on the chunked schedule; the rolling window has no chunk to run alone")
             query = steps * cfg.chunk
             if query + (cfg.chunk if policy in ("sink", "slowfast") else 0) >= cfg.frames:
