@@ -48,6 +48,10 @@ class DiTConfig:
     def tokens_per_frame(self) -> int:
         return (self.height // self.patch) * (self.width // self.patch)
 
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
     @staticmethod
     def preset(name: str) -> "DiTConfig":
         if name == "tiny":    # tests and the CPU demo; patch 4 so the head (dim 64 -> 48 pixel values) is no bottleneck
@@ -91,7 +95,7 @@ def rope(cfg: DiTConfig, time_pos: torch.Tensor) -> torch.Tensor:
 
     The head dim is split into time / row / column bands as in Wan: hd - 4(hd//6), 2(hd//6), 2(hd//6).
     """
-    hd = cfg.dim // cfg.heads
+    hd = cfg.head_dim
     bands = (hd - 4 * (hd // 6), 2 * (hd // 6), 2 * (hd // 6))
     freqs = [cfg.rope_theta ** (-torch.arange(0, b, 2, dtype=torch.float64, device=time_pos.device) / b)
              for b in bands]
@@ -229,7 +233,7 @@ class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         assert cfg.height % cfg.patch == 0 and cfg.width % cfg.patch == 0, "frame size must divide by patch"
-        assert cfg.dim % cfg.heads == 0 and (cfg.dim // cfg.heads) % 2 == 0
+        assert cfg.dim % cfg.heads == 0 and cfg.head_dim % 2 == 0
         assert cfg.frames % cfg.chunk == 0, "training clip must be a whole number of chunks"
         self.cfg = cfg
         D = cfg.dim

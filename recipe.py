@@ -92,8 +92,7 @@ def clip_config(args) -> DiTConfig:
     cfg = DiTConfig.preset(args.preset)
     cfg.frames = args.frames or cfg.frames
     if args.dim:
-        head = cfg.dim // cfg.heads
-        cfg.heads, cfg.ffn, cfg.dim = args.dim // head, cfg.ffn * args.dim // cfg.dim, args.dim
+        cfg.heads, cfg.ffn, cfg.dim = args.dim // cfg.head_dim, cfg.ffn * args.dim // cfg.dim, args.dim
     return cfg
 
 

@@ -216,8 +216,7 @@ def check(args) -> dict | None:
                                     or args.frames % cfg.chunk):
         raise SystemExit(f"train.py: error: --frames must be a whole number of chunks ({cfg.chunk} frames), at least "
                          f"two, and is for the methods that train from nothing ({', '.join(METHODS)})")
-    base = DiTConfig.preset(args.preset)
-    head = base.dim // base.heads
+    head = DiTConfig.preset(args.preset).head_dim
     if args.dim is not None and (args.method not in METHODS or args.init or args.dim < head or args.dim % head):
         raise SystemExit(f"train.py: error: --dim must be a multiple of the --{args.preset} head size {head}, for the "
                          f"methods that train from nothing ({', '.join(METHODS)}; a fine-tune keeps its --init's width)")
