@@ -83,6 +83,7 @@ class ResamplingConfig:
     shift: float = 0.6             # t_s ~ LogitNormal(0, 1) then shifted; s < 1 favours light degradation
     steps: int = 4                 # Euler steps from t_s down to 0 when the model finishes a history chunk
     warmup: int = 1000             # teacher-forcing steps before resampling starts (train.py switches)
+    share: float = 1.0             # clips whose history is resampled; the rest keep the ground truth (an ablation)
 
 
 def simulation_timestep(batch: int, shift: float, device, generator=None) -> torch.Tensor:
@@ -139,7 +140,12 @@ def resampling_loss(model, x0, tokens, shift: float, generator=None, weight=None
     resampler: the plain model that makes the history (default `model`; pass the unwrapped one under DDP).
     """
     ts = simulation_timestep(x0.shape[0], cfg.shift, x0.device, generator)
-    history = resample_history(resampler or model, x0, tokens, ts, cfg, generator)
+    if cfg.share == 1:
+        history = resample_history(resampler or model, x0, tokens, ts, cfg, generator)
+    else:   # a teacher-forcing share: those clips see the truth, whose shapes a model learns to copy (cpu-recipe 23)
+        history, pick = x0.clone(), torch.rand(x0.shape[0], device=x0.device, generator=generator) < cfg.share
+        if pick.any():
+            history[pick] = resample_history(resampler or model, x0[pick], tokens[pick], ts[pick], cfg, generator)
     # every mode labels its history clean (sigma 0), as the re-cached history is labelled at inference: the noise
     # row is the paper's noise-augmentation baseline, a model that learns to read a noisier history than it gets
     return teacher_loss(model, x0, tokens, shift, generator, history=history, weight=weight, logit_normal=logit_normal)

@@ -115,6 +115,9 @@ def parse(argv=None):
                    help="teacher, diffusion, resampling, bidirectional from nothing: the DiT's width (default: the "
                         "preset's); the heads keep the preset's head size and the MLP its ratio to the width "
                         "(docs/cpu-recipe.md section 20)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="teacher, diffusion, resampling, bidirectional from nothing: the DiT's blocks (default: the "
+                        "preset's; docs/cpu-recipe.md section 24)")
     rs = p.add_argument_group("resampling")
     rs.add_argument("--resample-mode", default="autoregressive", choices=("autoregressive", "parallel", "noise"),
                     help="how the history is degraded (the rows of the paper's Table 2)")
@@ -122,6 +125,9 @@ def parse(argv=None):
     rs.add_argument("--resample-steps", type=int, default=4, help="Euler steps that finish a resampled chunk")
     rs.add_argument("--resample-warmup", type=int, default=None,
                     help="teacher-forcing steps before resampling starts (default: 10%% of --steps)")
+    rs.add_argument("--resample-share", type=float, default=1.0,
+                    help="share of each batch's clips whose history is resampled; the others keep the ground truth, as "
+                         "in teacher forcing (an ablation, docs/cpu-recipe.md section 23)")
     p.add_argument("--log-every", type=int, default=None,
                    help=f"steps between progress lines (default: {preset_defaults('log_every')})")
     p.add_argument("--save-every", type=int, default=None,
@@ -220,6 +226,9 @@ def check(args) -> dict | None:
     if args.dim is not None and (args.method not in METHODS or args.init or args.dim < head or args.dim % head):
         raise SystemExit(f"train.py: error: --dim must be a multiple of the --{args.preset} head size {head}, for the "
                          f"methods that train from nothing ({', '.join(METHODS)}; a fine-tune keeps its --init's width)")
+    if args.depth is not None and (args.method not in METHODS or args.init or args.depth < 1):
+        raise SystemExit(f"train.py: error: --depth must be at least 1, for the methods that train from nothing "
+                         f"({', '.join(METHODS)}; a fine-tune keeps its --init's depth)")
     history = cfg.frames - cfg.chunk   # history frames the last chunk of a training clip has
     if not 0 <= args.route_sink <= history:
         raise SystemExit(f"train.py: error: --route-sink must be in 0..{history} (the history of a training clip)")
@@ -230,6 +239,9 @@ def check(args) -> dict | None:
     if args.resample_steps < 1 or args.resample_shift <= 0 or args.resample_warmup < 0:
         raise SystemExit("train.py: error: --resample-steps and --resample-shift must be positive, "
                          "--resample-warmup >= 0")
+    if not 0 < args.resample_share <= 1:
+        raise SystemExit(f"train.py: error: --resample-share must be in (0, 1] (got {args.resample_share}; "
+                         "no resampled clip at all is --method teacher)")
     if not 0 <= args.ema < 1:
         raise SystemExit(f"train.py: error: --ema must be in [0, 1) (got {args.ema})")
     if not 0 <= args.first_chunks <= 1 or args.first_chunks and args.method not in STREAMED:

@@ -42,7 +42,7 @@ from videos import VideoFolder
 
 # flags added after runs were stored (the shipped default among them): at this value a run is what it was before
 # the flag existed, so its settings leave the flag out and such runs still resume and still match their preset
-LATER_FLAGS = {"event_clips": 0.0, "score_guidance": DMDConfig.guidance, "dim": None}
+LATER_FLAGS = {"event_clips": 0.0, "score_guidance": DMDConfig.guidance, "dim": None, "depth": None, "resample_share": 1.0}
 
 
 def settings(args) -> dict:
@@ -287,7 +287,8 @@ def train(args, init: dict | None = None):
     weighted = args.object_weight != 1 and args.method in METHODS
     loss_fn = LOSSES.get(args.method)
     if args.method == "resampling":
-        rs = ResamplingConfig(args.resample_mode, args.resample_shift, args.resample_steps, args.resample_warmup)
+        rs = ResamplingConfig(args.resample_mode, args.resample_shift, args.resample_steps, args.resample_warmup,
+                              args.resample_share)
         loss_fn = functools.partial(resampling_loss, cfg=rs, resampler=model)
     if master:
         with open(os.path.join(args.out, "args.json"), "w") as f:

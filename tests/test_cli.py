@@ -262,6 +262,7 @@ BAD_INPUT = [
     ("train.py --method context-teacher --tiny", "--init"),
     ("train.py --method self --tiny", "--init"),
     ("train.py --method teacher --tiny --object-weight 0", "--object-weight"),
+    ("train.py --method resampling --tiny --resample-share 0", "--resample-share", "--method teacher"),
     ("train.py --method teacher --tiny --first-chunks 1.5", "--first-chunks"),
     ("train.py --method bidirectional --tiny --first-chunks 0.5", "--first-chunks", "causal"),
     ("train.py --method teacher --tiny --event-clips 1.5", "--event-clips"),
@@ -278,6 +279,8 @@ BAD_INPUT = [
     ("train.py --tiny --dim 100", "--dim", "head size 16"),
     ("train.py --method ode --tiny --init {ckpt} --dim 128", "--dim", "fine-tune"),
     ("train.py --tiny --steps 1 --init {ckpt} --dim 128 --out {out}", "--dim", "--init's width"),
+    ("train.py --tiny --depth 0", "--depth"),
+    ("train.py --tiny --steps 1 --init {ckpt} --depth 3 --out {out}", "--depth", "--init's depth"),
     ("train.py --method ode --tiny --init {ckpt} --frames 8", "--frames"),
     ("train.py --method ode --tiny --init {ckpt} --logit-normal", "--logit-normal", "flow-matching"),
     ("train.py --tiny --batch 1000000000", "--batch", "GiB"),
@@ -500,16 +503,18 @@ def test_first_chunk_steps_cut_clips_into_history_free_chunks():
 
 
 def test_resampling_trains_end_to_end_on_longer_clips_then_streams(tmp_path):
-    """Also a wider model than the preset's (--dim): more heads of the preset's size, the MLP at its ratio."""
+    """Also a wider and deeper model than the preset's (--dim, --depth): more heads of the preset's size, the MLP
+    at its ratio, one block more."""
     out = str(tmp_path / "rs")
     r = run("train.py", "--method", "resampling", "--tiny", "--steps", "4", "--resample-warmup", "1", "--topk", "1",
-            "--frames", "12", "--dim", "128", "--out", out)
+            "--frames", "12", "--dim", "128", "--depth", "3", "--out", out)
     assert r.returncode == 0, r.stderr
     assert "12 frames x" in r.stdout   # the clips it trained on, not only the stored config
     ckpt = torch.load(os.path.join(out, "ckpt_0000004.pt"), weights_only=True)
     assert ckpt["method"] == "resampling" and ckpt["config"]["topk"] == 1 and ckpt["config"]["frames"] == 12
     assert (ckpt["config"]["dim"], ckpt["config"]["heads"], ckpt["config"]["ffn"]) == (128, 8, 512)   # tiny: 64, 4, 256
     assert ckpt["args"]["dim"] == 128 and ckpt["ema"]["head.weight"].shape[1] == 128
+    assert ckpt["config"]["depth"] == ckpt["args"]["depth"] == 3 and any(k.startswith("blocks.2.") for k in ckpt["ema"])
     r = run("sample.py", "--ckpt", out, "--seconds", "1", "--topk", "2", "--out", str(tmp_path / "rs.mp4"))
     assert r.returncode == 0 and "top-k 2" in r.stdout, r.stderr
     assert sum(1 for _ in imageio.get_reader(str(tmp_path / "rs.mp4"))) == 16

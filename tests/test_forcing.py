@@ -244,6 +244,28 @@ def test_resampled_history_is_labelled_clean_as_at_inference(mode):
 
 
 @torch.no_grad()
+def test_resample_share_keeps_the_truth_as_history_for_the_other_clips(monkeypatch):
+    """--resample-share: the clips drawn for resampling get exactly the history resample_history makes for them
+    alone; every other clip's history is its ground truth, as in teacher forcing; share 1 is the method itself."""
+    model, cfg, _, _ = randomised_tiny()
+    x0 = torch.rand(8, cfg.frames, 3, cfg.height, cfg.width) * 2 - 1
+    tokens = torch.randint(2, cfg.vocab, (8, cfg.text_len))
+    seen = []
+    monkeypatch.setattr(forcing, "teacher_loss", lambda *a, history=None, **k: seen.append(history) or 0.0)
+    for share in (0.5, 1.0):
+        rs = ResamplingConfig(steps=2, share=share)
+        LOSSES["resampling"](model, x0, tokens, 1.0, torch.Generator().manual_seed(3), cfg=rs)
+        g = torch.Generator().manual_seed(3)
+        ts = forcing.simulation_timestep(8, rs.shift, "cpu", g)
+        pick = torch.rand(8, generator=g) < share if share < 1 else torch.ones(8, dtype=torch.bool)
+        assert 0 < pick.sum() < 8 or share == 1, "the seed must draw both kinds of clip"
+        expected = x0.clone()
+        expected[pick] = resample_history(model, x0[pick], tokens[pick], ts[pick], rs, g)
+        assert torch.equal(seen[-1], expected)
+        assert (seen[-1][pick, :-cfg.chunk] - x0[pick, :-cfg.chunk]).abs().amax() > 1e-3   # degraded, not the truth
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("mode", ["autoregressive", "parallel"])
 def test_resampled_history_reads_each_chunks_own_caption(mode):
     """--event-clips: the history of a clip with a caption per frame is finished chunk by chunk under each chunk's
