@@ -286,6 +286,11 @@ def check(args) -> dict | None:
         return None
     try:
         init = load_checkpoint(args.init)
+        if args.method in METHODS:   # a fine-tune has its --init's width and depth (--dim, --depth: from nothing)
+            base, theirs = DiTConfig.preset(args.preset), init["config"]
+            args.dim = theirs["dim"] if theirs["dim"] != base.dim else None
+            args.depth = theirs["depth"] if theirs["depth"] != base.depth else None
+            cfg = clip_config(args)
         # --frames with --init: the same weights trained on other clip lengths (time positions are RoPE angles,
         # not weights), e.g. a model that draws the world fine-tuned on longer clips for a longer context
         check_same_model(init, replace(cfg, frames=init["config"]["frames"]) if args.frames else cfg)

@@ -515,6 +515,11 @@ def test_resampling_trains_end_to_end_on_longer_clips_then_streams(tmp_path):
     assert (ckpt["config"]["dim"], ckpt["config"]["heads"], ckpt["config"]["ffn"]) == (128, 8, 512)   # tiny: 64, 4, 256
     assert ckpt["args"]["dim"] == 128 and ckpt["ema"]["head.weight"].shape[1] == 128
     assert ckpt["config"]["depth"] == ckpt["args"]["depth"] == 3 and any(k.startswith("blocks.2.") for k in ckpt["ema"])
+    r = run("train.py", "--method", "resampling", "--tiny", "--steps", "1", "--frames", "12", "--init", out,
+            "--out", out + "-ft")
+    assert r.returncode == 0, r.stderr   # a fine-tune takes its --init's size
+    ft = torch.load(os.path.join(out + "-ft", "ckpt_0000001.pt"), weights_only=True)["config"]
+    assert (ft["dim"], ft["depth"], ft["frames"]) == (128, 3, 12)
     r = run("sample.py", "--ckpt", out, "--seconds", "1", "--topk", "2", "--out", str(tmp_path / "rs.mp4"))
     assert r.returncode == 0 and "top-k 2" in r.stdout, r.stderr
     assert sum(1 for _ in imageio.get_reader(str(tmp_path / "rs.mp4"))) == 16
