@@ -129,8 +129,9 @@ def prune_checkpoints(out: str):
 def check_resume(ckpt: dict, method: str, cfg: DiTConfig, settings: dict, steps: int, processes: int):
     """Refuse, in one line, a resume that would not continue the same run: another method or model size, other
     settings (every flag that changes the weights), a finished run, another number of processes."""
-    if ckpt["method"] != method or ckpt["config"] != asdict(cfg):
-        raise CheckpointError(f"{ckpt['path']} was trained with another method or model size")
+    if ckpt["method"] != method:
+        raise CheckpointError(f"{ckpt['path']} was trained with --method {ckpt['method']}, not {method}")
+    check_same_model(ckpt, cfg)   # names the sizes that differ (routing, a flag, is compared with the settings)
     stored = ckpt.get("args")
     if stored is None:   # a checkpoint from before runs stored their settings
         raise CheckpointError(f"{ckpt['path']} does not record its run's settings; start a new run from it with "

@@ -142,7 +142,7 @@ def resampling_loss(model, x0, tokens, shift: float, generator=None, weight=None
     ts = simulation_timestep(x0.shape[0], cfg.shift, x0.device, generator)
     if cfg.share == 1:
         history = resample_history(resampler or model, x0, tokens, ts, cfg, generator)
-    else:   # a teacher-forcing share: those clips see the truth, whose shapes a model learns to copy (cpu-recipe 23)
+    else:   # a teacher-forcing share: those clips see the truth, whose shapes a model copies (docs/cpu-recipe.md 23)
         history, pick = x0.clone(), torch.rand(x0.shape[0], device=x0.device, generator=generator) < cfg.share
         if pick.any():
             history[pick] = resample_history(resampler or model, x0[pick], tokens[pick], ts[pick], cfg, generator)

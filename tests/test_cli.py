@@ -250,6 +250,8 @@ def test_resume_continues_exactly(tmp_path):
     # the same run only: changed settings, or a run already finished, are refused in one line
     one_line_error(run("train.py", "--tiny", "--steps", "16", "--out", out, "--resume"), "--steps 16", "has 8")
     one_line_error(run("train.py", "--tiny", "--steps", "8", "--lr", "0.1", "--out", out, "--resume"), "--lr")
+    one_line_error(run("train.py", "--tiny", "--steps", "16", "--depth", "3", "--out", out, "--resume"),
+                   "model size", "depth 2", "needs depth 3")
     one_line_error(run("train.py", "--tiny", "--steps", "8", "--out", out, "--resume"), "already at step 8")
 
 
