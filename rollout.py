@@ -113,8 +113,11 @@ def denoiser(model, text, cache: KVCache, prompt, sampler: SamplerConfig):
         xx = torch.cat([x, x]) if sampler.guided else x
         sigma = torch.full(xx.shape[:2], s, device=x.device)
         v = model.forward_cached(xx, sigma, text, cache, prompt=prompt)[0].float()
-        v_cond, v_null = v.chunk(2) if sampler.guided else (v, None)
-        out = v_null + sampler.cfg * (v_cond - v_null) if sampler.guided else v
+        if sampler.guided:
+            v_cond, v_null = v.chunk(2)
+            out = v_null + sampler.cfg * (v_cond - v_null)
+        else:
+            v_cond = out = v
         if sampler.history != 1 and cache.frames and s <= sampler.history_sigma:
             alone = model(x, sigma[:x.shape[0]], text[:x.shape[0]], layout="block_causal").float()
             out = out + (sampler.history - 1) * (v_cond - alone)
