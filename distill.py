@@ -207,10 +207,16 @@ CRITIC_LR = 0.2        # the critic's learning rate as a share of the student's 
 BETAS = (0.0, 0.999)   # Adam without momentum for both, as the reference: the critic's target moves every step
 
 
-def few_step_levels(method: str, cfg) -> tuple:
-    """The student's few-step levels: Self Forcing's four (also Context Forcing's); for rolling as many (at most four) as leave room for a
-    chunk of sink and a chunk of history beside the window of W chunks within the model's trained frames."""
-    W = max(1, min(4, cfg.frames // cfg.chunk - 2)) if method == "rolling" else 4
+def rolling_room(cfg) -> int:
+    """The most chunks a rolling window may hold: room for a chunk of sink and a chunk of history beside it within
+    the model's trained frames, and at most four (the reference's few-step list)."""
+    return max(1, min(4, cfg.frames // cfg.chunk - 2))
+
+
+def few_step_levels(method: str, cfg, n: int | None = None) -> tuple:
+    """The student's n few-step levels, evenly spaced from 1 (train.py --levels). By default Self Forcing's four
+    (also Context Forcing's); for rolling, whose window holds one chunk per level, as many as rolling_room."""
+    W = n or (rolling_room(cfg) if method == "rolling" else 4)
     return tuple(1 - i / W for i in range(W))
 
 

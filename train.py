@@ -27,7 +27,7 @@ import torch
 from checkpoint import CheckpointError, check_same_model, latest_checkpoint, load_checkpoint
 from context import CONTEXT, CONTEXT_TEACHER
 from data import DataError
-from distill import DISTILLED, ODE, DMDConfig
+from distill import DISTILLED, ODE, DMDConfig, rolling_room
 from forcing import METHODS
 from model import DiTConfig, pick_device
 from recipe import (CONTEXT_RECIPE, DISTILL, DMD, FINE_TUNED, ODE_STEPS, PRESETS, RECIPE, SCORE_STEPS, STREAMED,
@@ -80,6 +80,10 @@ def parse(argv=None):
                    help="self, rolling, context (its contextual DMD stage): the score's classifier-free guidance g in "
                    "DMD's form cond + g (cond - uncond), standard guidance g + 1 (default: %(default)g, the "
                    "reference's)")
+    p.add_argument("--levels", type=int, default=None,
+                   help="self, rolling, context (and their ODE stage): the student's few-step levels, denoising calls "
+                   "a chunk (default: 4, Self Forcing's list; rolling: its window's chunks, as many as leave room for "
+                   "a sink and a history chunk in the trained frames, at most 4; docs/context.md section 6)")
     p.add_argument("--base", default=None, help="context: the causal model the teacher and the self-forcing stage "
                    "start from when they are trained first (default with --cpu: checkpoints/default.pt)")
     p.add_argument("--vae", default=None,
@@ -178,12 +182,13 @@ def plan_stages(args):
             args.stages.append(("stage 0: DMD's score, the student fine-tuned into a bidirectional model",
                                 os.path.dirname(args.score), ["--method", "bidirectional", "--steps",
                                 str(SCORE_STEPS[args.preset]), "--init", args.init, *events]))
+    levels = ["--levels", str(args.levels)] if args.levels else []   # the earlier students' few-step levels
     if args.method in DISTILLED and args.ode_steps and args.init and many_step(args.init):
         ode = os.path.join(args.out, "ode", "model.pt")
         if not os.path.exists(ode):   # the score above starts from the many-step model, the student from its ODE
             args.stages.append(("stage 1: Causal Forcing's ODE initialisation, the student regressed onto its own "
                                 "ODE as a few-step model", os.path.dirname(ode),
-                                ["--method", ODE, "--steps", str(args.ode_steps), "--init", args.init]))
+                                ["--method", ODE, "--steps", str(args.ode_steps), "--init", args.init, *levels]))
         args.init = ode
     if args.method == CONTEXT:   # the teacher and the stage-1 student, trained first from --base if not given
         args.base = args.base or shipped
@@ -199,7 +204,7 @@ def plan_stages(args):
                 # (straight from the base, as docs/context.md measured it: its ODE stage is not measured here)
                 args.stages.append(("stage 1: Self Forcing on short windows, from the base model",
                                     os.path.dirname(student), ["--method", "self", "--init", args.base,
-                                                               "--ode-steps", "0"]))
+                                                               "--ode-steps", "0", *levels]))
 
 
 def many_step(path: str) -> bool:
@@ -278,6 +283,12 @@ def check(args) -> dict | None:
         raise SystemExit(f"train.py: error: --vae {args.vae} is not a file (a vae.pt written by vae.py or train.py)")
     if args.vae and cfg.channels == 3:
         raise SystemExit(f"train.py: error: --vae is for a latent preset (--cpu); --{args.preset} models pixels")
+    if args.levels is not None and (args.method not in (*DMD, ODE) or args.levels < 1):
+        raise SystemExit(f"train.py: error: --levels is a number of few-step levels >= 1, for the few-step students "
+                         f"({', '.join((*DMD, ODE))})")
+    if args.levels and args.method == "rolling" and args.levels > rolling_room(cfg):
+        raise SystemExit(f"train.py: error: --levels {args.levels}: a rolling window of at most {rolling_room(cfg)} "
+                         f"chunks leaves room for a sink and a history chunk in the {cfg.frames} trained frames")
     if args.method in DMD:
         check_distillation(args, cfg)
     if args.method in (ODE, CONTEXT_TEACHER) and not args.resume and not args.init:

@@ -43,7 +43,7 @@ from videos import VideoFolder
 # flags added after runs were stored (the shipped default among them): at this value a run is what it was before
 # the flag existed, so its settings leave the flag out and such runs still resume and still match their preset
 LATER_FLAGS = {"event_clips": 0.0, "score_guidance": DMDConfig.guidance, "dim": None, "depth": None,
-               "resample_share": 1.0}
+               "resample_share": 1.0, "levels": None}
 
 
 def settings(args) -> dict:
@@ -190,7 +190,7 @@ def ode_teacher(args, cfg: DiTConfig, init: dict | None, device, shift: float):
     ckpt = load_checkpoint(os.path.join(args.out, "teacher.pt"))
     teacher = model_from_checkpoint(ckpt).float().to(device).eval().requires_grad_(False)
     vae = load_vae(ckpt["vae"]).to(device) if "vae" in ckpt else None
-    levels = few_step_levels("self", cfg)
+    levels = few_step_levels("self", cfg, args.levels)
     every = max(1, round(ckpt["sampler"]["steps"] / len(levels)))
     step = functools.partial(ode_loss, teacher=teacher, grid=euler_sigmas(every * len(levels), shift), every=every,
                              guidance=ckpt["sampler"]["cfg"])
@@ -254,7 +254,8 @@ def train(args, init: dict | None = None):
     distiller = None
     if distilling:   # the critic starts as the score: the closest model to the student's samples there is
         score, critic = (model_from_checkpoint(score_ckpt).float().to(device) for _ in range(2))
-        dmd = DMDConfig(levels=few_step_levels(args.method, cfg), shift=recipe["shift"], guidance=args.score_guidance)
+        dmd = DMDConfig(levels=few_step_levels(args.method, cfg, args.levels), shift=recipe["shift"],
+                        guidance=args.score_guidance)
         distiller = ContextDistiller(score, critic, dmd, args.lr, ctx) if args.method == CONTEXT else \
             Distiller(args.method, score, critic, dmd, args.lr)
     bank = ErrorBank(ctx) if args.method == CONTEXT_TEACHER else None   # the teacher's error recycling

@@ -202,16 +202,19 @@ def test_context_forcing_from_a_base_model_with_one_command_then_streams_through
     monkeypatch.setitem(train.DISTILL, "tiny", {**train.DISTILL["tiny"], "steps": 2})
     monkeypatch.setitem(train.CONTEXT_RECIPE, "tiny", {**train.CONTEXT_RECIPE["tiny"], "teacher_steps": 2, "steps": 2})
     out = str(tmp_path / "context")
-    train.main(["--method", "context", "--tiny", "--base", trained, "--out", out, "--log-every", "1"])
+    # at two few-step levels (--levels), which reach the stage-1 student too: both stream two calls a chunk
+    train.main(["--method", "context", "--tiny", "--base", trained, "--out", out, "--log-every", "1", "--levels", "2"])
     made = {part: torch.load(os.path.join(out, *part, "model.pt"), weights_only=True)["method"]
             for part in [("teacher",), ("self", "score"), ("self",), ()]}
     assert list(made.values()) == ["context-teacher", "bidirectional", "self", "context"]
     args = torch.load(os.path.join(out, "model.pt"), weights_only=True)["args"]
-    assert args["score"] == os.path.join(out, "teacher", "model.pt")
+    assert args["score"] == os.path.join(out, "teacher", "model.pt") and args["levels"] == 2
+    stage1 = torch.load(os.path.join(out, "self", "model.pt"), weights_only=True)
+    assert stage1["args"]["levels"] == 2 and stage1["sampler"]["steps"] == 2
     video = str(tmp_path / "context.mp4")
     r = run("sample.py", "--ckpt", out, "--seconds", "2", "--out", video)
     assert r.returncode == 0, r.stderr
-    assert "memory slowfast" in r.stdout and "few x 4 |" in r.stdout and sum(1 for _ in imageio.get_reader(video)) == 32
+    assert "memory slowfast" in r.stdout and "few x 2 |" in r.stdout and sum(1 for _ in imageio.get_reader(video)) == 32
 
 
 def test_context_teacher_resumes_exactly_with_its_error_bank(trained, tmp_path):
@@ -273,6 +276,8 @@ BAD_INPUT = [
     ("train.py --method self --tiny --score {ckpt} --init {ckpt}", "bidirectional"),
     ("train.py --method teacher --tiny --ode-steps 5", "--ode-steps", "self"),
     ("train.py --method teacher --tiny --score-guidance 2", "--score-guidance", "self"),
+    ("train.py --method teacher --tiny --levels 2", "--levels", "few-step students"),
+    ("train.py --method rolling --tiny --score {ckpt} --init {ckpt} --levels 4", "--levels 4", "rolling window"),
     ("train.py --method self --tiny --score {ckpt} --init {ckpt} --score-guidance -1", "--score-guidance"),
     ("train.py --method self --tiny --score {ckpt} --init {ckpt} --ode-steps -1", "--ode-steps"),
     ("train.py --tiny --topk 7", "--topk 7", "history frames"),
