@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flow import SamplerConfig, add_noise, few_step_sigmas, sample_few_step, shift_sigma, to_x0
+from flow import SamplerConfig, add_noise, even_levels, few_step_sigmas, sample_few_step, shift_sigma, to_x0
 from memory import KVCache, MemoryConfig
 from rollout import denoiser, recache, rolling_windows
 
@@ -216,8 +216,7 @@ def rolling_room(cfg) -> int:
 def few_step_levels(method: str, cfg, n: int | None = None) -> tuple:
     """The student's n few-step levels, evenly spaced from 1 (train.py --levels). By default Self Forcing's four
     (also Context Forcing's); for rolling, whose window holds one chunk per level, as many as rolling_room."""
-    W = n or (rolling_room(cfg) if method == "rolling" else 4)
-    return tuple(1 - i / W for i in range(W))
+    return even_levels(n or (rolling_room(cfg) if method == "rolling" else 4))
 
 
 def student_rollout(method: str, model, tokens, n_frames: int, cfg: DMDConfig, generator=None):

@@ -79,6 +79,12 @@ def euler_sigmas(steps: int, shift: float) -> list[float]:
     return [float(shift_sigma(1 - i / steps, shift)) for i in range(steps + 1)]
 
 
+def even_levels(n: int) -> tuple:
+    """n few-step levels before the shift, evenly spaced from 1 (n = 4: Self Forcing's [1, .75, .5, .25]). The one
+    definition a student is trained at (distill.few_step_levels) and streamed at (sample.py --steps)."""
+    return tuple(1 - i / n for i in range(n))
+
+
 def few_step_sigmas(levels, shift: float) -> list[float]:
     """The warped few-step list: [1, .75, .5, .25] at s = 5 feeds [1, .9375, .8333, .625]."""
     return [float(shift_sigma(s, shift)) for s in levels]

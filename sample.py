@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from data import VOCAB, ToyWorld, WorldConfig, to_float, to_uint8, tokenize, unknown_words
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from flow import SamplerConfig
+from flow import SamplerConfig, even_levels
 from memory import POLICIES, KVCache, filling
 from model import pick_device
 from recipe import bf16
@@ -150,7 +150,7 @@ class Stream:
         self.sampler = SamplerConfig(kind=kind, steps=steps, cfg=own["cfg"] if args.cfg is None else args.cfg,
                                      history=args.history_guidance, history_sigma=args.history_sigma,
                                      shift=ckpt["shift"],
-                                     levels=tuple(1 - i / steps for i in range(steps)),
+                                     levels=even_levels(steps),
                                      clip=None if self.vae else 1.0)
         self.schedule = args.schedule or ("rolling" if ckpt["method"] == "rolling" else "chunked")
         policy = args.memory or MEMORY.get(ckpt["method"], "sink")
