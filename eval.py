@@ -153,7 +153,8 @@ def main(argv=None):
     result = {"source": source, "world": {"seed": world.seed, "size": size, "deterministic": args.deterministic,
                                           "horizon_s": world.cfg.horizon_s, "events": len(world.events),
                                           "caption": world.caption(0)},
-              "tf_start": args.tf_start, **result, "reference": reference}
+              "tf_start": args.tf_start, **result, "reference": reference,
+              "slow_memory": stream.slow_memory(args.fps) if stream else None}
     json_path, png_path = os.path.join(args.out, "eval.json"), os.path.join(args.out, "eval.png")
     text = json.dumps(plain(result), allow_nan=False)   # one line: the curves hold a number per frame
     write_atomic(json_path, lambda path: Path(path).write_text(text))

@@ -25,6 +25,12 @@ assigned when the cache is read, so each policy is a few lines:
            frame is the frame just before it in the stream; the kept frames sit in time order. Descriptors
            are read from the cached keys when a frame leaves the fast FIFO, so slowfast stores only one more:
            the last frame that left, which its successor compares with.
+           A fixed tau promotes very different shares on different scenes, because how alike consecutive frames
+           are depends on the scene (median similarity 0.77 to 0.99 over the 8 test scenes for the context
+           model, docs/context.md section 7): at tau 0.95 one scene promoted 4% of its frames and another all
+           of them, where slow memory is only a delayed FIFO. With `promote` = p > 0 a frame is surprising when
+           its similarity is below the p-quantile of the similarities of the last RECENT frames that left: about
+           a share p is promoted on every scene, so slow memory reaches back about slow / (p * fps) seconds.
 
 Bounded positions (window, sink, slowfast): the kept frames are re-indexed to contiguous positions 0..n-1 and the
 current chunk follows them, so the largest position ever used is sink + window + chunk - 1 however long the
@@ -45,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 POLICIES = ("full", "window", "sink", "slowfast")
+RECENT = 256   # slowfast with promote: the similarities of this many frames that left set the threshold
 
 
 @dataclass
@@ -54,6 +61,7 @@ class MemoryConfig:
     sink: int = 3       # first frames kept for good (sink, slowfast)
     slow: int = 0       # slowfast: frames of slow memory
     tau: float = 0.95   # slowfast: a frame leaving fast memory is promoted if its similarity is below tau
+    promote: float = 0.0   # slowfast: if > 0, promote the share of frames least like their predecessor instead
     resink: bool = False   # sink, slowfast: a prompt switch moves the sink to the first frames made after it
     reencode: bool = True  # a prompt switch re-encodes the kept frames under the new prompt (LongLive's re-cache)
 
@@ -70,13 +78,15 @@ class MemoryConfig:
                              f"slow={slow})")
         if self.policy == "slowfast" and not -1 <= self.tau <= 1:
             raise ValueError(f"memory tau is a cosine similarity, in [-1, 1] (got {self.tau})")
+        if self.policy == "slowfast" and not 0 <= self.promote < 1:
+            raise ValueError(f"memory promote is a share of frames, in [0, 1) (got {self.promote})")
         if sink + slow + self.window + chunk > trained_frames:
             raise ValueError(f"memory sink {sink} + {f'slow {slow} + ' if slow else ''}window {self.window} + chunk "
                              f"{chunk} frames exceeds the {trained_frames} frames the model was trained on")
 
 
 def filling(policy: str, frames: int, chunk: int, query: int, sink: int | None = None, window: int | None = None,
-            slow: int | None = None, tau: float = 0.95) -> MemoryConfig:
+            slow: int | None = None, tau: float = 0.95, promote: float = 0.0) -> MemoryConfig:
     """A memory whose unset sizes fill the model's trained range (`frames`) beside a call of `query` frames: the
     sink one chunk (sink, slowfast); window the rest (window, sink) or one chunk (slowfast, whose slow memory
     takes the rest). So every bounded policy holds the same number of frames: equal cache bytes."""
@@ -84,7 +94,7 @@ def filling(policy: str, frames: int, chunk: int, query: int, sink: int | None =
     history = frames - query - (sink if policy in ("sink", "slowfast") else 0)
     window = window if window is not None else (chunk if policy == "slowfast" else history)
     slow = slow if slow is not None else max(0, history - window)
-    return MemoryConfig(policy=policy, window=window, sink=sink, slow=slow, tau=tau)
+    return MemoryConfig(policy=policy, window=window, sink=sink, slow=slow, tau=tau, promote=promote)
 
 
 def describe(keys: list) -> torch.Tensor:
@@ -108,6 +118,7 @@ class KVCache:
         self.slow = []                 # slowfast: the frames of slow memory (absolute indices)
         self.last_left = None          # slowfast: (frame, descriptor) of the last frame that left the cache
         self.promoted = 0              # slowfast: frames promoted to slow memory so far
+        self.sims = []                 # slowfast with promote: similarities of the last RECENT frames that left
 
     def __len__(self):
         return len(self.frames)
@@ -180,13 +191,22 @@ class KVCache:
             # the predecessor most often left just before (its descriptor is at hand), else it is still kept
             before = self.last_left[1] if self.last_left and self.last_left[0] == f - 1 else \
                 self._descriptor(frames.index(f - 1)) if f - 1 in frames else None
-            similar = before is not None and torch.cosine_similarity(d, before, dim=-1).mean() >= cfg.tau
+            sim = None if before is None else float(torch.cosine_similarity(d, before, dim=-1).mean())
+            similar = sim is not None and not self._surprising(sim)
             if not similar and cfg.slow > 0:
                 self.slow = (self.slow + [f])[-cfg.slow:]
                 self.promoted += 1
             self.last_left = (f, d)   # (if it was promoted it stays, and the next one finds it in the cache)
         return sorted(set(sink) | {j for j in range(len(frames)) if frames[j] in self.slow}
                       | set(fast[max(0, len(fast) - cfg.window):]))
+
+    def _surprising(self, sim: float) -> bool:
+        """Below tau, or with promote, below the promote-quantile of the recent similarities (then recorded)."""
+        if not self.cfg.promote:
+            return sim < self.cfg.tau
+        surprising = not self.sims or sim < float(torch.quantile(torch.tensor(self.sims), self.cfg.promote))
+        self.sims = (self.sims + [sim])[-RECENT:]
+        return surprising
 
     def _descriptor(self, j: int) -> torch.Tensor:
         return describe([k[:, j] for k in self.k])
@@ -206,6 +226,7 @@ class KVCache:
         view.k, view.v, view.x, view.frames, view.next_frame = list(self.k), list(self.v), self.x, list(self.frames), \
             self.next_frame
         view.slow, view.last_left, view.promoted = list(self.slow), self.last_left, self.promoted
+        view.sims = list(self.sims)
         view.sink_from = self.sink_from
         return view
 

@@ -55,6 +55,9 @@ def add_args(p, prompt=True):
     p.add_argument("--tau", type=float, default=0.95,
                    help="slowfast: a frame leaving fast memory is kept if its key similarity to the one before is "
                         "below this")
+    p.add_argument("--promote", type=float, default=0.0,
+                   help="slowfast: keep instead the share of frames least like the one before, e.g. 0.015: about "
+                        "the same share on every scene, so slow memory reaches back about slow / (share * fps) s")
     if prompt:
         p.add_argument("--prompt", default=None, help="caption (default: the caption of ToyWorld scene --seed)")
         p.add_argument("--switch", action="append", default=None, metavar="SECONDS:CAPTION",
@@ -164,7 +167,8 @@ class Stream:
             if query + (cfg.chunk if policy in ("sink", "slowfast") else 0) >= cfg.frames:
                 fail(f"a rolling window of {steps} chunks ({query} frames) leaves no history in the {cfg.frames} "
                      f"frames the model was trained on: use fewer --steps")
-        self.memory = filling(policy, cfg.frames, cfg.chunk, query, args.sink, args.window, args.slow, args.tau)
+        self.memory = filling(policy, cfg.frames, cfg.chunk, query, args.sink, args.window, args.slow, args.tau,
+                              args.promote)
         self.memory.resink, self.memory.reencode = args.resink, args.reencode is not False   # unset: re-encode
         if args.resink and policy not in ("sink", "slowfast"):
             fail(f"--resink moves the sink: the {policy} memory has none (use --memory sink or slowfast)")
@@ -192,6 +196,7 @@ class Stream:
         self.cache = KVCache(self.memory, cfg.depth)
         self.seed = args.seed
         self.times = []   # seconds spent on each chunk
+        self.reach = []   # slowfast: after each chunk, how many frames back its oldest slow-memory frame lies
 
     def add_switch(self, spec: str, fps: int):
         """--switch SECONDS:CAPTION -> self.switches[frame] = CAPTION, the frame rounded to a chunk start."""
@@ -213,6 +218,8 @@ class Stream:
     def describe(self) -> str:
         c = self.ckpt
         return (f"{c['path']} ({c['method']}, step {c['step']}) | {self.n_frames} frames | memory {self.memory.policy}"
+                + (f" (promote {self.memory.promote:g})" if self.memory.policy == "slowfast" and self.memory.promote
+                   else "")
                 + (", resink" if self.memory.resink else "") + ("" if self.memory.reencode else ", no re-encode")
                 + f" | {self.sampler.kind} x {self.sampler.steps}" + (", rolling" if self.schedule == "rolling" else "")
                 + (f", guidance {self.sampler.cfg:g}" if self.sampler.kind == "euler" else "")
@@ -246,6 +253,8 @@ class Stream:
             frames = to_uint8((self.vae.decode(x0) if self.vae else x0).cpu().numpy())
             written += len(frames)
             self.times.append(time.time() - t0 - sum(self.times))
+            if self.memory.policy == "slowfast":
+                self.reach.append(self.cache.next_frame - min(self.cache.slow) if self.cache.slow else 0)
             yield frames
 
     def autocast(self, stream):
@@ -258,16 +267,29 @@ class Stream:
                 return
             yield x0
 
+    def slow_memory(self, fps: int) -> dict | None:
+        """slowfast: the share of frames promoted and how far back slow memory reached (s, over the chunks)."""
+        if self.memory.policy != "slowfast" or not self.reach:
+            return None
+        left = self.cache.next_frame - len(self.cache.frames) + len(self.cache.slow)   # promoted ones count as left
+        reach = np.array(self.reach) / fps
+        return {"promoted": self.cache.promoted / max(left, 1), "reach_median_s": float(np.median(reach)),
+                "reach_p90_s": float(np.percentile(reach, 90)), "reach_5s_share": float(np.mean(reach >= 5))}
+
     def report(self, fps: int) -> str:
         """Per-chunk cost at the start against the end of the stream, and the totals."""
         wall, n = sum(self.times), self.n_frames
         # chunks in 10 s of video, or half of the stream after the first chunk (warm-up) when it is shorter
         k = max(1, min(round(10 * fps / self.model.cfg.chunk), (len(self.times) - 1) // 2))
         first = self.times[1:k + 1] or self.times
+        slow = self.slow_memory(fps)
         return (f"per chunk: first {len(first)} {1e3 * np.mean(first):.1f} ms, last {k} "
                 f"{1e3 * np.mean(self.times[-k:]):.1f} ms (the first chunk itself is excluded: warm-up)\n"
                 f"frames {n} | wall {wall:.1f} s | {n / wall:.1f} frames/s | first chunk {self.times[0]:.2f} s | "
-                f"cache {self.cache.nbytes() / 2**20:.2f} MiB")
+                f"cache {self.cache.nbytes() / 2**20:.2f} MiB"
+                + ("" if slow is None else f"\nslow memory: promoted {100 * slow['promoted']:.1f}% of the frames that "
+                   f"left fast memory; its oldest frame {slow['reach_median_s']:.1f} s back (median over chunks), "
+                   f"{slow['reach_p90_s']:.1f} s (90th percentile)"))
 
 
 def output_path(path: str) -> str:

@@ -74,3 +74,30 @@ def test_filled_memories_hold_the_same_frames_so_policies_compare_at_equal_bytes
             cache.append([(k, k.clone()) for _ in range(2)], torch.zeros(1, cfg.chunk, 3, 4, 4))
         sizes[policy] = (len(cache), cache.nbytes())
     assert len(set(sizes.values())) == 1 and sizes["sink"][0] == cfg.frames - cfg.chunk, sizes
+
+
+def promoted_frames(memory: MemoryConfig, jitter: float, n: int = 400, every: int = 50) -> list[int]:
+    """The frames promoted over a hand-built stream, one frame per append: a scene that changes completely every
+    `every` frames and moves by `jitter` (noise on its tokens) from frame to frame between."""
+    torch.manual_seed(0)
+    cache, promoted = KVCache(memory, depth=2), []
+    for t in range(n):
+        if t % every == 0:
+            scene = torch.randn(L, H * HD)
+        before = set(cache.slow)
+        cache.append(frame_kv(scene + jitter * torch.randn(L, H * HD)), torch.zeros(1, 1, 3, 4, 4))
+        promoted += sorted(set(cache.slow) - before)
+    return promoted
+
+
+def test_promote_keeps_the_same_share_on_a_still_and_a_busy_scene():
+    jumps = set(range(50, 400, 50))   # the frames where the scene changes (frame 0 is the sink)
+    tau, share = MemoryConfig("slowfast", window=2, sink=1, slow=3), MemoryConfig("slowfast", window=2, sink=1,
+                                                                                 slow=3, promote=0.02)
+    still, busy = promoted_frames(tau, 0.05), promoted_frames(tau, 0.6)
+    assert set(still) == jumps and len(busy) > 200   # a fixed tau: the jumps on one scene, most frames on the other
+    for jitter in (0.05, 0.6):
+        frames = promoted_frames(share, jitter)
+        assert jumps <= set(frames), jitter          # every change of scene is promoted on both scenes ...
+        late = [f for f in frames if f >= 100]       # ... and, once 100 similarities are known, about the share:
+        assert len(late) <= 2 * 0.02 * 300, (jitter, late)   # (the jumps themselves are 2.3% of the frames)
