@@ -34,6 +34,8 @@ Decisions the paper leaves open, taken here (the memory's own are in memory.py):
 - The critic is causal, starts as the teacher, and is trained by flow matching on the graded chunks against the
   same memory snapshots; no gradient reaches any memory's keys (as Self Forcing's cache).
 - Curriculum: the rollout grows linearly from one clip to `long` over the first `ramp` of the run.
+- Training promotes by the fixed tau (memory.py): a rollout of 8-32 frames is too short for the quantile of a
+  stream's own similarities that `promote` reads (sample.py --promote, docs/context.md section 7).
 """
 
 from dataclasses import dataclass
