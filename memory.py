@@ -118,6 +118,7 @@ class KVCache:
         self.slow = []                 # slowfast: the frames of slow memory (absolute indices)
         self.last_left = None          # slowfast: (frame, descriptor) of the last frame that left the cache
         self.promoted = 0              # slowfast: frames promoted to slow memory so far
+        self.left = 0                  # slowfast: frames that have left the fast FIFO so far (promoted or dropped)
         self.sims = []                 # slowfast with promote: similarities of the last RECENT frames that left
 
     def __len__(self):
@@ -197,8 +198,13 @@ class KVCache:
                 self.slow = (self.slow + [f])[-cfg.slow:]
                 self.promoted += 1
             self.last_left = (f, d)   # (if it was promoted it stays, and the next one finds it in the cache)
+            self.left += 1
         return sorted(set(sink) | {j for j in range(len(frames)) if frames[j] in self.slow}
                       | set(fast[max(0, len(fast) - cfg.window):]))
+
+    def reach(self) -> int:
+        """slowfast: how many frames back the oldest frame of slow memory lies (0 while it is empty)."""
+        return self.next_frame - min(self.slow) if self.slow else 0
 
     def _surprising(self, sim: float) -> bool:
         """Below tau, or with promote, below the promote-quantile of the recent similarities (then recorded)."""
@@ -225,7 +231,7 @@ class KVCache:
         view = KVCache(self.cfg, len(self.k))
         view.k, view.v, view.x, view.frames, view.next_frame = list(self.k), list(self.v), self.x, list(self.frames), \
             self.next_frame
-        view.slow, view.last_left, view.promoted = list(self.slow), self.last_left, self.promoted
+        view.slow, view.last_left, view.promoted, view.left = list(self.slow), self.last_left, self.promoted, self.left
         view.sims = list(self.sims)
         view.sink_from = self.sink_from
         return view

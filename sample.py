@@ -254,7 +254,7 @@ class Stream:
             written += len(frames)
             self.times.append(time.time() - t0 - sum(self.times))
             if self.memory.policy == "slowfast":
-                self.reach.append(self.cache.next_frame - min(self.cache.slow) if self.cache.slow else 0)
+                self.reach.append(self.cache.reach())
             yield frames
 
     def autocast(self, stream):
@@ -271,9 +271,8 @@ class Stream:
         """slowfast: the share of frames promoted and how far back slow memory reached (s, over the chunks)."""
         if self.memory.policy != "slowfast" or not self.reach:
             return None
-        left = self.cache.next_frame - len(self.cache.frames) + len(self.cache.slow)   # promoted ones count as left
         reach = np.array(self.reach) / fps
-        return {"promoted": self.cache.promoted / max(left, 1), "reach_median_s": float(np.median(reach)),
+        return {"promoted": self.cache.promoted / max(self.cache.left, 1), "reach_median_s": float(np.median(reach)),
                 "reach_p90_s": float(np.percentile(reach, 90)), "reach_5s_share": float(np.mean(reach >= 5))}
 
     def report(self, fps: int) -> str:

@@ -46,6 +46,8 @@ def test_sizes_positions_and_bytes_stay_bounded_over_a_long_stream():
         assert int(query.max()) <= cfg.sink + cfg.slow + cfg.window + chunk - 1
         sizes.append(cache.nbytes())
     assert len(set(sizes[50:])) == 1 and 0 < cache.promoted < 300   # constant once slow memory is full
+    assert cache.left == cache.next_frame - len(cache) + len(cache.slow)   # every frame not in sink or fast has left
+    assert cache.reach() == cache.next_frame - min(cache.slow)
 
 
 @torch.no_grad()
