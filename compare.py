@@ -7,7 +7,9 @@ Compare eval.py runs side by side: one markdown table of the figures and drifts,
 Each argument is LABEL=DIR[,DIR...]: the eval.py output folders (each holds an eval.json) of one model, say one
 per prompt seed. A cell of the table is the mean over that model's folders, "± sd" when there are several (the
 spread over streams, which says how far apart two models must be before the gap means anything); identity after a
-gap is also pooled over the streams' scored gaps, with what the misses changed (shape or colour). Drift rows are
+gap is also pooled over the streams' scored gaps, with what the misses changed (shape or colour), and for the long
+gaps (LONG) also as scored from clean frames anywhere (metrics.identity_after_gap's "far"), beside the share a
+model that kept no identity would match by chance (the mean of the scored gaps' "chance"). Drift rows are
 eval.py's drift summaries: the mean of a curve over the last WINDOW_S seconds minus over the first. Drift-share
 rows put the move of a curve between its first and last SHARE_S seconds on the scale from the world's own video to
 noise (metrics.drift_share), for the streams and for the world's own video of the same scenes and length: the
@@ -28,7 +30,7 @@ import os
 import numpy as np
 
 from data import ToyWorld, WorldConfig
-from metrics import SHARE_S, WINDOW_S, drift_share, evaluate, mean, noise_figures, panel
+from metrics import GAP_BUCKETS, SHARE_S, WINDOW_S, drift_share, evaluate, mean, noise_figures, panel
 from sample import output_path
 
 FIGURES = ("palette_fidelity", "colour_drift", "count_error", "background_error", "flicker", "motion_retention",
@@ -37,6 +39,7 @@ NEWER = ("prompt_colour", "prompt_shape")   # figures an older eval.json lacks: 
 CURVES = ("palette_fidelity", "colour_drift", "count_error", "background_error", "flicker")
 SWITCH_PARTS = ("backdrop", "colour", "shape")   # metrics.switch_conditions, in the order the switch rows show them
 SHARED = ("palette_fidelity", "count_error", "background_error", "flicker")   # noise has no objects: no colour drift
+LONG = tuple(name for _, name in GAP_BUCKETS[2:])   # buckets shown also as scored far: the ones long memory is for
 LINE_COLOURS = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (210, 130, 0), (140, 60, 180), (0, 160, 170),
                 (90, 90, 90), (230, 90, 160)]
 
@@ -146,17 +149,31 @@ def switch_cells(runs):
 
 
 def gap_cell(runs):
-    """Pooled over the runs' scored gaps: matched of scored, and of the misses how many changed shape and how many
-    colour (a miss can do both); "-" without a scored gap. An older eval.json lacks the breakdown: count only."""
+    """Pooled over the runs' scored gaps: matched of scored, of the misses how many changed shape and how many colour
+    (a miss can do both), and the share expected by chance (the mean of the gaps' "chance"); "-" without a scored
+    gap. An older eval.json lacks the breakdown or the chance: those parts are left out."""
     gaps = [g for r in runs for g in r.get("gaps", []) if g["scored"]]
     if not gaps:
         return "-"
     head = f"{sum(bool(g['match']) for g in gaps)} of {len(gaps)}"
     misses = [g for g in gaps if not g["match"]]
-    if not misses or "shape_kept" not in misses[0]:
-        return head
-    return head + (f" (misses: {sum(not g['shape_kept'] for g in misses)} changed shape, "
-                   f"{sum(not g['colour_kept'] for g in misses)} colour)")
+    parts = []
+    if misses and "shape_kept" in misses[0]:
+        parts.append(f"misses: {sum(not g['shape_kept'] for g in misses)} changed shape, "
+                     f"{sum(not g['colour_kept'] for g in misses)} colour")
+    if "chance" in gaps[0]:
+        parts.append(f"chance {np.mean([g['chance'] for g in gaps]):.2f}")
+    return head + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def far_cell(runs, bucket):
+    """Pooled over the runs' gaps in `bucket` scored from clean frames anywhere: matched of scored, and the share
+    expected by chance; "-" without one (or from an older eval.json, which has no far scoring)."""
+    gaps = [g for r in runs for g in r.get("gaps", []) if g["bucket"] == bucket and g.get("far_scored")]
+    if not gaps:
+        return "-"
+    matched = sum(bool(g["far_match"]) for g in gaps)
+    return f"{matched} of {len(gaps)} ({matched / len(gaps):.2f}; chance {np.mean([g['chance'] for g in gaps]):.2f})"
 
 
 def table(models) -> str:
@@ -166,6 +183,9 @@ def table(models) -> str:
         rows.append(f"| {name} | " + " | ".join(cell([r["figures"].get(name) for r in models[m]]) for m in labels) + " |")
     rows.append("| identity after a gap, pooled: gaps matched | " + " | ".join(gap_cell(models[m]) for m in labels)
                 + " |")
+    for bucket in LONG:
+        rows.append(f"| identity after a {bucket} gap, from clean frames anywhere: matched of scored | " +
+                    " | ".join(far_cell(models[m], bucket) for m in labels) + " |")
     for name in CURVES:
         rows.append(f"| {name}: drift (last {WINDOW_S:g} s - first) | " +
                     " | ".join(cell([r["drift"][name]["delta"] for r in models[m]]) for m in labels) + " |")

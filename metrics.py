@@ -8,8 +8,9 @@ offline, the same for every method. What is measured (each function's docstring 
   per frame   palette fidelity, colour drift, object-count error, background error, background flicker, object
               speed, prompt colour and shape (are the objects drawn the ones the caption names?); PSNR and SSIM
               after a teacher-forced start
-  per video   motion retention, teleport rate, identity after a gap (by gap length), frames to follow a new
-              caption (prompt switch) and which of its parts a video is slow at, PSNR and SSIM by horizon
+  per video   motion retention, teleport rate, identity after a gap (by gap length; also from clean frames
+              anywhere, against chance), frames to follow a new caption (prompt switch) and which of its parts a
+              video is slow at, PSNR and SSIM by horizon
   per curve   drift: first 5 s against last 5 s, signed and absolute (Rolling Forcing), slope per minute; drift
               share: first 10 s against last 10 s, as a share of the distance from the world's own video to noise
 A run writes into --out eval.json (figures, curves, drift, gaps, switches, and "reference": the same figures for
@@ -251,28 +252,42 @@ def motion(det, shift, limit, window):
     return speed, teleport, r[1] / r[0] if r[0] > 0 else math.nan
 
 
+def kept(det, c, a, b):
+    """Is object c (a colour index) the same at clean frames a and b: (same shape, mean colours within COLOUR_MATCH)."""
+    return (bool(det["shape"][a, c] == det["shape"][b, c]),
+            bool(np.linalg.norm(det["rgb"][a, c] - det["rgb"][b, c]) <= COLOUR_MATCH))
+
+
 def identity_after_gap(det, fps):
     """Every gap: a run of frames in which an object (a colour) that was seen is not seen, ended by its return.
     It is scored if the object is clean at least once in its run of frames just before the gap and in its run
     just after; it then matches if its last clean shape before equals its first clean shape after (shape_kept) and
     their mean colours are within COLOUR_MATCH (colour_kept). Returns one dict per gap, with its length and
-    GAP_BUCKETS bucket."""
+    GAP_BUCKETS bucket.
+    A model whose objects are seldom clean leaves most long gaps unscored, so each gap is also scored from clean
+    frames anywhere ("far"): the object's last clean frame before the gap and its first clean frame after it,
+    however far from the gap (far_span: the seconds between the two; a gap scored above is scored here from the
+    same two frames). It is read against "chance", the probability that two of the object's clean frames drawn at
+    random from the whole video have the same shape: what a model that kept no identity across gaps would score."""
     gaps = []
     for c, colour in enumerate(COLOURS):
         edges = np.diff(np.r_[0, det["present"][:, c].astype(int), 0])
         starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)   # runs of frames seen
+        clean = np.flatnonzero(det["clean"][:, c])
+        share = np.bincount(det["shape"][clean, c], minlength=len(SHAPE_ID)) / max(len(clean), 1)
         for (s0, e0), (s1, e1) in zip(zip(starts, ends), zip(starts[1:], ends[1:])):
-            before = s0 + np.flatnonzero(det["clean"][s0:e0, c])
-            after = s1 + np.flatnonzero(det["clean"][s1:e1, c])
+            before, after = clean[clean < e0], clean[clean >= s1]
             seconds = (s1 - e0) / fps
             gap = {"colour": colour, "start": int(e0), "frames": int(s1 - e0), "seconds": seconds,
                    "bucket": next(name for top, name in GAP_BUCKETS if seconds < top), "scored": False, "match": None,
-                   "shape_kept": None, "colour_kept": None}
+                   "shape_kept": None, "colour_kept": None, "far_scored": False, "far_match": None, "far_span": None,
+                   "chance": float((share ** 2).sum())}
             if len(before) and len(after):
                 a, b = before[-1], after[0]
-                shape = bool(det["shape"][a, c] == det["shape"][b, c])
-                colour = bool(np.linalg.norm(det["rgb"][a, c] - det["rgb"][b, c]) <= COLOUR_MATCH)
-                gap.update(scored=True, match=shape and colour, shape_kept=shape, colour_kept=colour)
+                shape, same_colour = kept(det, c, a, b)
+                gap.update(far_scored=True, far_match=shape and same_colour, far_span=(b - a) / fps)
+                if a >= s0 and b < e1:   # clean in the runs next to the gap
+                    gap.update(scored=True, match=shape and same_colour, shape_kept=shape, colour_kept=same_colour)
             gaps.append(gap)
     return gaps
 
@@ -416,7 +431,9 @@ def evaluate(frames, world, fps, tf_start=0):
     for _, name in GAP_BUCKETS:
         got = [g for g in gaps if g["bucket"] == name]
         identity[name] = {"gaps": len(got), "scored": sum(g["scored"] for g in got),
-                          "matched": sum(bool(g["match"]) for g in got)}
+                          "matched": sum(bool(g["match"]) for g in got),
+                          "far_scored": sum(g["far_scored"] for g in got),
+                          "far_matched": sum(bool(g["far_match"]) for g in got)}
     events = [(f, c) for f, c in world.events if f < n]
     switches = []
     for (f, c), end in zip(events, [f for f, _ in events[1:]] + [n]):

@@ -223,7 +223,37 @@ def test_shape_swap_after_a_gap_breaks_identity(seed3):
     assert r["figures"]["identity_match"] < 1
     miss = next(g for g in r["gaps"] if g["colour"] == gap["colour"] and g["start"] == gap["start"])
     assert miss["match"] is False and miss["shape_kept"] is False and miss["colour_kept"] is True
+    assert miss["far_match"] is False
     assert all(g["shape_kept"] and g["colour_kept"] for g in real["gaps"] if g["scored"])
+    # the world's own video keeps every shape however far the clean frames lie; far scores every near-scored gap
+    far = [g for g in real["gaps"] if g["far_scored"]]
+    assert all(g["far_match"] and g["chance"] == 1 for g in far) and len(far) >= sum(g["scored"] for g in real["gaps"])
+
+
+def test_far_scoring_reaches_past_unclean_runs_and_names_chance():
+    # colour 0 is seen in four runs of frames but clean only at 5 and 95, so none of its three gaps has a clean
+    # frame in both neighbouring runs: each is scored only by looking beyond them. Colour 1 keeps no shape.
+    n, ring, square = 100, M.SHAPE_ID["ring"], M.SHAPE_ID["square"]
+    det = {"present": np.zeros((n, 8), bool), "clean": np.zeros((n, 8), bool), "shape": np.zeros((n, 8), int),
+           "rgb": np.zeros((n, 8, 3))}
+    for s0 in (0, 30, 60, 90):
+        det["present"][s0:s0 + 20, 0] = True
+    det["clean"][[5, 95], 0] = True
+    det["shape"][:, 0] = ring
+    det["present"][:40, 1] = det["present"][60:, 1] = True
+    det["clean"][[38, 39, 60, 61], 1] = True   # clean next to its gap, in two shapes half and half
+    det["shape"][[38, 39], 1], det["shape"][[60, 61], 1] = square, ring
+    gaps = M.identity_after_gap(det, FPS)
+    assert [g["start"] for g in gaps] == [20, 50, 80, 40]
+    assert not any(g["scored"] for g in gaps[:3])
+    assert all(g["far_scored"] and g["far_match"] and g["far_span"] == 90 / FPS and g["chance"] == 1 for g in gaps[:3])
+    g = gaps[3]
+    assert g["scored"] and g["far_scored"] and g["far_match"] is False is g["match"] and g["far_span"] == 21 / FPS
+    assert g["chance"] == 0.5
+    det["shape"][95, 0] = square   # it comes back another shape
+    assert not any(g["far_match"] for g in M.identity_after_gap(det, FPS)[:3])
+    det["clean"][95, 0] = False    # never clean after the first run: no gap is scored either way
+    assert not any(g["far_scored"] for g in M.identity_after_gap(det, FPS)[:3])
 
 
 def test_objects_unlike_the_caption_lower_prompt_colour_and_shape(seed3):
@@ -276,11 +306,17 @@ def test_compare_pools_gaps_and_names_what_the_misses_changed(seed3):
 
     world, frames, real = seed3
     scored = [g for g in real["gaps"] if g["scored"]]
-    assert compare.gap_cell([real]) == f"{len(scored)} of {len(scored)}"
-    changed = {**real, "gaps": [{**g, "match": False, "shape_kept": False} for g in real["gaps"]]}   # every shape
+    assert compare.gap_cell([real]) == f"{len(scored)} of {len(scored)} (chance 1.00)"
+    changed = {**real, "gaps": [{**g, "match": False, "shape_kept": False, "chance": 0.5} for g in real["gaps"]]}
     assert compare.gap_cell([real, changed]) == \
-        f"{len(scored)} of {2 * len(scored)} (misses: {len(scored)} changed shape, 0 colour)"
+        f"{len(scored)} of {2 * len(scored)} (misses: {len(scored)} changed shape, 0 colour; chance 0.75)"
     assert compare.gap_cell([{**real, "gaps": []}]) == "-"
+    long = [g for g in real["gaps"] if g["far_scored"] and g["bucket"] in compare.LONG]
+    halved = {**real, "gaps": [{**g, "far_match": False, "chance": 0.5} for g in long]}
+    bucket = long[0]["bucket"]
+    n = sum(g["bucket"] == bucket for g in long)
+    assert compare.far_cell([real, halved], bucket) == f"{n} of {2 * n} (0.50; chance 0.75)"
+    assert compare.far_cell([{**real, "gaps": [{**g, "far_scored": False} for g in long]}], bucket) == "-"
 
 
 # ---- drift summaries --------------------------------------------------------------------------------------------
