@@ -167,13 +167,15 @@ def gap_cell(runs):
 
 
 def far_cell(runs, bucket):
-    """Pooled over the runs' gaps in `bucket` scored from clean frames anywhere: matched of scored, and the share
-    expected by chance; "-" without one (or from an older eval.json, which has no far scoring)."""
+    """Pooled over the runs' gaps in `bucket` scored from clean frames anywhere: matched of scored, the share expected
+    by chance, and the median time between the two clean frames compared (longer than the gap where the object was
+    not clean next to it); "-" without one (or from an older eval.json, which has no far scoring)."""
     gaps = [g for r in runs for g in r.get("gaps", []) if g["bucket"] == bucket and g.get("far_scored")]
     if not gaps:
         return "-"
     matched = sum(bool(g["far_match"]) for g in gaps)
-    return f"{matched} of {len(gaps)} ({matched / len(gaps):.2f}; chance {np.mean([g['chance'] for g in gaps]):.2f})"
+    return (f"{matched} of {len(gaps)} ({matched / len(gaps):.2f}; chance {np.mean([g['chance'] for g in gaps]):.2f}; "
+            f"{np.median([g['far_span'] for g in gaps]):.0f} s apart)")
 
 
 def table(models) -> str:

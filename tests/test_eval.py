@@ -315,7 +315,8 @@ def test_compare_pools_gaps_and_names_what_the_misses_changed(seed3):
     halved = {**real, "gaps": [{**g, "far_match": False, "chance": 0.5} for g in long]}
     bucket = long[0]["bucket"]
     n = sum(g["bucket"] == bucket for g in long)
-    assert compare.far_cell([real, halved], bucket) == f"{n} of {2 * n} (0.50; chance 0.75)"
+    apart = np.median([g["far_span"] for g in long if g["bucket"] == bucket] * 2)
+    assert compare.far_cell([real, halved], bucket) == f"{n} of {2 * n} (0.50; chance 0.75; {apart:.0f} s apart)"
     assert compare.far_cell([{**real, "gaps": [{**g, "far_scored": False} for g in long]}], bucket) == "-"
 
 
