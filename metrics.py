@@ -268,7 +268,8 @@ def identity_after_gap(det, fps):
     frames anywhere ("far"): the object's last clean frame before the gap and its first clean frame after it,
     however far from the gap (far_span: the seconds between the two; a gap scored above is scored here from the
     same two frames). It is read against "chance", the probability that two of the object's clean frames drawn at
-    random from the whole video have the same shape: what a model that kept no identity across gaps would score."""
+    random from the whole video have the same shape: what a model that kept no identity across gaps would score.
+    (evaluate adds "named": whether the caption names the object's colour, and so its shape, when it returns.)"""
     gaps = []
     for c, colour in enumerate(COLOURS):
         edges = np.diff(np.r_[0, det["present"][:, c].astype(int), 0])
@@ -427,6 +428,8 @@ def evaluate(frames, world, fps, tf_start=0):
               "background_error": det["background_error"], "flicker": det["flicker"], "speed": speed,
               "prompt_colour": prompt_colour, "prompt_shape": prompt_shape}
     gaps = identity_after_gap(det, fps)
+    for g in gaps:   # a named object's shape is in the caption; an unnamed one's is memory's alone to keep
+        g["named"] = bool(wanted[captions[g["start"] + g["frames"]]][0][COLOURS.index(g["colour"])])
     identity = {}
     for _, name in GAP_BUCKETS:
         got = [g for g in gaps if g["bucket"] == name]

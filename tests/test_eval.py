@@ -267,6 +267,8 @@ def test_objects_unlike_the_caption_lower_prompt_colour_and_shape(seed3):
     seen = np.flatnonzero(real["curves"]["count_error"] < len(world.scenes[0][0]))   # frames with an object seen
     assert r["figures"]["prompt_colour"] < 0.9 and r["figures"]["palette_fidelity"] == real["figures"]["palette_fidelity"]
     assert np.nanmin(r["curves"]["prompt_colour"][seen]) < 1
+    moved = [g for g in r["gaps"] if g["colour"] == unnamed]   # its gaps: the caption no longer gives its shape
+    assert moved and not any(g["named"] for g in moved) and all(g["named"] for g in real["gaps"])
     reshaped_world = ToyWorld(3, world.cfg)   # the same object, always in another shape
     other = next(s for s in ("square", "triangle") if s != world.shapes[j])
     reshaped_world.masks[j] = shape_mask(other, world.radius[j])
