@@ -277,14 +277,14 @@ def identity_after_gap(det, fps):
         clean = np.flatnonzero(det["clean"][:, c])
         share = np.bincount(det["shape"][clean, c], minlength=len(SHAPE_ID)) / max(len(clean), 1)
         for (s0, e0), (s1, e1) in zip(zip(starts, ends), zip(starts[1:], ends[1:])):
-            before, after = clean[clean < e0], clean[clean >= s1]
+            i, j = np.searchsorted(clean, e0), np.searchsorted(clean, s1)   # the last clean before, the first after
             seconds = (s1 - e0) / fps
             gap = {"colour": colour, "start": int(e0), "frames": int(s1 - e0), "seconds": seconds,
                    "bucket": next(name for top, name in GAP_BUCKETS if seconds < top), "scored": False, "match": None,
                    "shape_kept": None, "colour_kept": None, "far_scored": False, "far_match": None, "far_span": None,
                    "chance": float((share ** 2).sum())}
-            if len(before) and len(after):
-                a, b = before[-1], after[0]
+            if i > 0 and j < len(clean):
+                a, b = clean[i - 1], clean[j]
                 shape, same_colour = kept(det, c, a, b)
                 gap.update(far_scored=True, far_match=shape and same_colour, far_span=(b - a) / fps)
                 if a >= s0 and b < e1:   # clean in the runs next to the gap

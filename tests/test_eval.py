@@ -248,7 +248,8 @@ def test_far_scoring_reaches_past_unclean_runs_and_names_chance():
     assert not any(g["scored"] for g in gaps[:3])
     assert all(g["far_scored"] and g["far_match"] and g["far_span"] == 90 / FPS and g["chance"] == 1 for g in gaps[:3])
     g = gaps[3]
-    assert g["scored"] and g["far_scored"] and g["far_match"] is False is g["match"] and g["far_span"] == 21 / FPS
+    assert g["scored"] and g["far_scored"] and g["far_span"] == 21 / FPS
+    assert g["match"] is False and g["far_match"] is False
     assert g["chance"] == 0.5
     det["shape"][95, 0] = square   # it comes back another shape
     assert not any(g["far_match"] for g in M.identity_after_gap(det, FPS)[:3])
