@@ -59,6 +59,7 @@ class SamplerConfig:
     cfg: float = 3.0            # classifier-free guidance scale (euler); 1 = off
     history: float = 1.0        # history guidance scale (rollout.denoiser); 1 = off
     history_sigma: float = 0.5  # ... applied at the noise levels up to this one only
+    shared_noise: float = 0.0   # share of each chunk's starting noise drawn once for the stream (rollout); 0 = off
     shift: float = 3.0          # timestep shift of the step grid
     levels: tuple = (1.0, 0.75, 0.5, 0.25)   # few-step levels before the shift
     clip: float | None = 1.0    # |x0| bound of the data: pixels live in [-1, 1]; VAE latents are unbounded (None)

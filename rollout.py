@@ -144,13 +144,18 @@ def rollout(model, tokens, n_frames: int, memory: MemoryConfig, sampler: Sampler
     prompt = model.text(text)   # one prompt for the whole stream: encode it once
     prefill(model, context, text, cache, prompt)
     denoise = denoiser(model, text, cache, prompt, sampler)
+    shape, shared = (B, chunk, cfg.channels, cfg.height, cfg.width), None
+    if sampler.shared_noise:   # one draw every chunk starts from a share of: chunks alike where the history allows
+        shared = torch.randn(shape, device=tokens.device, generator=generator)
     for i in range(math.ceil(n_frames / chunk)):
         if i * chunk in switches:   # a new prompt from this chunk on: re-encode what the cache keeps under it
             text = prompts(switches[i * chunk], sampler.guided)
             prompt = model.text(text)
             switch_prompt(model, cache, text, prompt)
             denoise = denoiser(model, text, cache, prompt, sampler)
-        noise = torch.randn(B, chunk, cfg.channels, cfg.height, cfg.width, device=tokens.device, generator=generator)
+        noise = torch.randn(shape, device=tokens.device, generator=generator)
+        if shared is not None:   # unit variance kept: a mix of two independent unit normals
+            noise = sampler.shared_noise ** 0.5 * shared + (1 - sampler.shared_noise) ** 0.5 * noise
         x0 = sample(sampler, denoise, noise, generator)
         recache(model, x0, text, cache, prompt)
         yield x0

@@ -89,6 +89,10 @@ def add_args(p, prompt=True):
     p.add_argument("--history-sigma", type=float, default=SamplerConfig.history_sigma, metavar="S",
                    help="history guidance runs at the noise levels up to S only (1 = at every level, where it grows "
                         "objects until they fill the frame; default: %(default)g)")
+    p.add_argument("--shared-noise", type=float, default=SamplerConfig.shared_noise, metavar="A",
+                   help="each chunk starts from sqrt(A) x one noise drawn for the stream + sqrt(1 - A) x fresh noise "
+                        "(0 = fresh, the default; docs/cpu-recipe.md section 26: 0.25 holds shapes in view, not across "
+                        "gaps; the chunked schedule)")
     p.add_argument("--topk", type=int, default=None,
                    help="history routing: top-k history frames per query (0 = dense; default: as trained)")
     p.add_argument("--fp32", action="store_true",
@@ -126,6 +130,8 @@ class Stream:
             fail(f"--history-guidance must be >= 0 (1 = off; got {args.history_guidance:g})")
         if not 0 <= args.history_sigma <= 1:
             fail(f"--history-sigma is a noise level in [0, 1] (got {args.history_sigma:g})")
+        if not 0 <= args.shared_noise < 1:
+            fail(f"--shared-noise is a share in [0, 1): 1 would start every chunk alike (got {args.shared_noise:g})")
         try:
             self.device = pick_device(args.device)
         except ValueError as e:
@@ -152,7 +158,7 @@ class Stream:
         steps = args.steps or own["steps"]
         self.sampler = SamplerConfig(kind=kind, steps=steps, cfg=own["cfg"] if args.cfg is None else args.cfg,
                                      history=args.history_guidance, history_sigma=args.history_sigma,
-                                     shift=ckpt["shift"],
+                                     shared_noise=args.shared_noise, shift=ckpt["shift"],
                                      levels=even_levels(steps),
                                      clip=None if self.vae else 1.0)
         self.schedule = args.schedule or ("rolling" if ckpt["method"] == "rolling" else "chunked")
@@ -163,6 +169,8 @@ class Stream:
                 fail("--schedule rolling runs the few-step levels of a distilled model: add --sampler few")
             if args.history_guidance != 1:
                 fail("--history-guidance runs on the chunked schedule; the rolling window has no chunk to run alone")
+            if args.shared_noise:
+                fail("--shared-noise runs on the chunked schedule; the rolling window adds its chunks at full noise")
             query = steps * cfg.chunk
             if query + (cfg.chunk if policy in ("sink", "slowfast") else 0) >= cfg.frames:
                 fail(f"a rolling window of {steps} chunks ({query} frames) leaves no history in the {cfg.frames} "
@@ -225,6 +233,7 @@ class Stream:
                 + (f", guidance {self.sampler.cfg:g}" if self.sampler.kind == "euler" else "")
                 + (f", history guidance {self.sampler.history:g} up to sigma {self.sampler.history_sigma:g}"
                    if self.sampler.history != 1 else "")
+                + (f", shared noise {self.sampler.shared_noise:g}" if self.sampler.shared_noise else "")
                 + f" | top-k {self.model.cfg.topk or 'dense'} | {'bf16' if self.bf16 else 'fp32'} "
                 f"| prompt: {self.prompt}"
                 + "".join(f" | at {f / self.fps:g} s: {c}" for f, c in sorted(self.switches.items())))

@@ -182,6 +182,27 @@ def test_history_guidance_leaves_the_first_chunk_and_changes_the_rest():
     assert (streams[0][:, cfg.chunk:] - streams[1][:, cfg.chunk:]).abs().max() > 1e-3
 
 
+def test_shared_noise_starts_every_chunk_from_one_draw_and_a_fresh_one(monkeypatch):
+    import rollout as R
+
+    model, cfg, _, tokens = randomised_tiny(7)
+    model.eval()
+    seen, n = [], 3
+    monkeypatch.setattr(R, "sample", lambda sampler, denoise, noise, gen: seen.append(noise) or torch.zeros_like(noise))
+    for a in (0.25, 0.0):
+        seen.clear()
+        list(R.rollout(model, tokens, n * cfg.chunk, MemoryConfig("full"),
+                       SamplerConfig(steps=2, shift=1.0, shared_noise=a), torch.Generator().manual_seed(4)))
+        g = torch.Generator().manual_seed(4)
+        draws = [torch.randn(seen[0].shape, generator=g) for _ in range(n + 1)]
+        # with a share, the stream's one draw comes first and every chunk mixes it with its own; without, the
+        # chunks take the generator's draws as before the option existed
+        want = [a ** 0.5 * draws[0] + (1 - a) ** 0.5 * fresh for fresh in draws[1:]] if a else draws[:n]
+        assert len(seen) == n
+        for got, w in zip(seen, want):
+            torch.testing.assert_close(got, w, rtol=0, atol=0)
+
+
 def randomised_tiny(seed=0):
     torch.manual_seed(seed)
     cfg = DiTConfig.preset("tiny")
