@@ -91,8 +91,8 @@ def add_args(p, prompt=True):
                         "objects until they fill the frame; default: %(default)g)")
     p.add_argument("--shared-noise", type=float, default=SamplerConfig.shared_noise, metavar="A",
                    help="each chunk starts from sqrt(A) x one noise drawn for the stream + sqrt(1 - A) x fresh noise "
-                        "(0 = fresh, the default; docs/cpu-recipe.md section 26: 0.25 holds shapes in view, not across "
-                        "gaps; the chunked schedule)")
+                        "(0 = fresh, the default; docs/cpu-recipe.md section 26: 0.25 holds shapes in view but settles "
+                        "into one layout over minutes; the chunked schedule)")
     p.add_argument("--topk", type=int, default=None,
                    help="history routing: top-k history frames per query (0 = dense; default: as trained)")
     p.add_argument("--fp32", action="store_true",
