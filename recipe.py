@@ -87,11 +87,11 @@ def bf16(preset: str, device: str) -> bool:
 
 
 def clip_config(args) -> DiTConfig:
-    """The preset's model, with --frames as its training clip (its trained range), --depth as its blocks and --dim
-    as its width when given: a wider model keeps the preset's head size (more heads) and its MLP's ratio to the
-    width."""
+    """The preset's model, with --frames as its training clip (its trained range), --depth as its blocks, --patch
+    as its spatial patch and --dim as its width when given: a wider model keeps the preset's head size (more
+    heads) and its MLP's ratio to the width."""
     cfg = DiTConfig.preset(args.preset)
-    cfg.frames, cfg.depth = args.frames or cfg.frames, args.depth or cfg.depth
+    cfg.frames, cfg.depth, cfg.patch = args.frames or cfg.frames, args.depth or cfg.depth, args.patch or cfg.patch
     if args.dim:
         cfg.heads, cfg.ffn, cfg.dim = args.dim // cfg.head_dim, cfg.ffn * args.dim // cfg.dim, args.dim
     return cfg

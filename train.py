@@ -122,6 +122,9 @@ def parse(argv=None):
     p.add_argument("--depth", type=int, default=None,
                    help="teacher, diffusion, resampling, bidirectional from nothing: the DiT's blocks (default: the "
                         "preset's; docs/cpu-recipe.md section 24)")
+    p.add_argument("--patch", type=int, default=None,
+                   help="teacher, diffusion, resampling, bidirectional from nothing: the DiT's spatial patch, so its "
+                        "tokens a frame (default: the preset's; docs/cpu-recipe.md section 27)")
     rs = p.add_argument_group("resampling")
     rs.add_argument("--resample-mode", default="autoregressive", choices=("autoregressive", "parallel", "noise"),
                     help="how the history is degraded (the rows of the paper's Table 2)")
@@ -234,6 +237,12 @@ def check(args) -> dict | None:
     if args.depth is not None and (args.method not in METHODS or args.init or args.depth < 1):
         raise SystemExit(f"train.py: error: --depth must be at least 1, for the methods that train from nothing "
                          f"({', '.join(METHODS)}; a fine-tune keeps its --init's depth)")
+    base = DiTConfig.preset(args.preset)
+    if args.patch is not None and (args.method not in METHODS or args.init or args.patch < 1
+                                   or base.height % args.patch or base.width % args.patch):
+        raise SystemExit(f"train.py: error: --patch must divide the --{args.preset} frame ({base.height}x{base.width}), "
+                         f"for the methods that train from nothing ({', '.join(METHODS)}; a fine-tune keeps its "
+                         f"--init's patch)")
     history = cfg.frames - cfg.chunk   # history frames the last chunk of a training clip has
     if not 0 <= args.route_sink <= history:
         raise SystemExit(f"train.py: error: --route-sink must be in 0..{history} (the history of a training clip)")
@@ -297,10 +306,11 @@ def check(args) -> dict | None:
         return None
     try:
         init = load_checkpoint(args.init)
-        if args.method in METHODS:   # a fine-tune has its --init's width and depth (--dim, --depth: from nothing)
+        if args.method in METHODS:   # a fine-tune has its --init's width and depth (--dim, --depth, --patch: from nothing)
             base, theirs = DiTConfig.preset(args.preset), init["config"]
             args.dim = theirs["dim"] if theirs["dim"] != base.dim else None
             args.depth = theirs["depth"] if theirs["depth"] != base.depth else None
+            args.patch = theirs["patch"] if theirs["patch"] != base.patch else None
             cfg = clip_config(args)
         # --frames with --init: the same weights trained on other clip lengths (time positions are RoPE angles,
         # not weights), e.g. a model that draws the world fine-tuned on longer clips for a longer context

@@ -42,7 +42,7 @@ from videos import VideoFolder
 
 # flags added after runs were stored (the shipped default among them): at this value a run is what it was before
 # the flag existed, so its settings leave the flag out and such runs still resume and still match their preset
-LATER_FLAGS = {"event_clips": 0.0, "score_guidance": DMDConfig.guidance, "dim": None, "depth": None,
+LATER_FLAGS = {"event_clips": 0.0, "score_guidance": DMDConfig.guidance, "dim": None, "depth": None, "patch": None,
                "resample_share": 1.0, "levels": None}
 
 

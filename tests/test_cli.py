@@ -291,6 +291,7 @@ BAD_INPUT = [
     ("train.py --tiny --steps 1 --init {ckpt} --dim 128 --out {out}", "--dim", "--init's width"),
     ("train.py --tiny --depth 0", "--depth"),
     ("train.py --tiny --steps 1 --init {ckpt} --depth 3 --out {out}", "--depth", "--init's depth"),
+    ("train.py --tiny --patch 3", "--patch", "32x32"),
     ("train.py --method ode --tiny --init {ckpt} --frames 8", "--frames"),
     ("train.py --method ode --tiny --init {ckpt} --logit-normal", "--logit-normal", "flow-matching"),
     ("train.py --tiny --batch 1000000000", "--batch", "GiB"),
@@ -517,23 +518,24 @@ def test_first_chunk_steps_cut_clips_into_history_free_chunks():
 
 
 def test_resampling_trains_end_to_end_on_longer_clips_then_streams(tmp_path):
-    """Also a wider and deeper model than the preset's (--dim, --depth): more heads of the preset's size, the MLP
-    at its ratio, one block more."""
+    """Also a wider and deeper model than the preset's (--dim, --depth, --patch): more heads of the preset's size,
+    the MLP at its ratio, one block more, patches twice as wide (a quarter of the tokens a frame)."""
     out = str(tmp_path / "rs")
     r = run("train.py", "--method", "resampling", "--tiny", "--steps", "4", "--resample-warmup", "1", "--topk", "1",
-            "--frames", "12", "--dim", "128", "--depth", "3", "--out", out)
+            "--frames", "12", "--dim", "128", "--depth", "3", "--patch", "8", "--out", out)
     assert r.returncode == 0, r.stderr
-    assert "12 frames x" in r.stdout   # the clips it trained on, not only the stored config
+    assert "12 frames x 16 tokens" in r.stdout   # the clips it trained on, not only the stored config
     ckpt = torch.load(os.path.join(out, "ckpt_0000004.pt"), weights_only=True)
     assert ckpt["method"] == "resampling" and ckpt["config"]["topk"] == 1 and ckpt["config"]["frames"] == 12
     assert (ckpt["config"]["dim"], ckpt["config"]["heads"], ckpt["config"]["ffn"]) == (128, 8, 512)   # tiny: 64, 4, 256
     assert ckpt["args"]["dim"] == 128 and ckpt["ema"]["head.weight"].shape[1] == 128
     assert ckpt["config"]["depth"] == ckpt["args"]["depth"] == 3 and any(k.startswith("blocks.2.") for k in ckpt["ema"])
+    assert ckpt["config"]["patch"] == ckpt["args"]["patch"] == 8 and ckpt["ema"]["head.weight"].shape[0] == 8 * 8 * 3
     r = run("train.py", "--method", "resampling", "--tiny", "--steps", "1", "--frames", "12", "--init", out,
             "--out", out + "-ft")
     assert r.returncode == 0, r.stderr   # a fine-tune takes its --init's size
     ft = torch.load(os.path.join(out + "-ft", "ckpt_0000001.pt"), weights_only=True)["config"]
-    assert (ft["dim"], ft["depth"], ft["frames"]) == (128, 3, 12)
+    assert (ft["dim"], ft["depth"], ft["patch"], ft["frames"]) == (128, 3, 8, 12)
     r = run("sample.py", "--ckpt", out, "--seconds", "1", "--topk", "2", "--out", str(tmp_path / "rs.mp4"))
     assert r.returncode == 0 and "top-k 2" in r.stdout, r.stderr
     assert sum(1 for _ in imageio.get_reader(str(tmp_path / "rs.mp4"))) == 16
