@@ -60,6 +60,7 @@ class SamplerConfig:
     history: float = 1.0        # history guidance scale (rollout.denoiser); 1 = off
     history_sigma: float = 0.5  # ... applied at the noise levels up to this one only
     shared_noise: float = 0.0   # share of each chunk's starting noise drawn once for the stream (rollout); 0 = off
+    shared_decay: float = 1.0   # ... that draw's correlation from one chunk to the next; 1 = fixed for the stream
     shift: float = 3.0          # timestep shift of the step grid
     levels: tuple = (1.0, 0.75, 0.5, 0.25)   # few-step levels before the shift
     clip: float | None = 1.0    # |x0| bound of the data: pixels live in [-1, 1]; VAE latents are unbounded (None)

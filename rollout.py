@@ -156,6 +156,9 @@ def rollout(model, tokens, n_frames: int, memory: MemoryConfig, sampler: Sampler
         noise = torch.randn(shape, device=tokens.device, generator=generator)
         if shared is not None:   # unit variance kept: a mix of two independent unit normals
             noise = sampler.shared_noise ** 0.5 * shared + (1 - sampler.shared_noise) ** 0.5 * noise
+            if sampler.shared_decay < 1:   # the shared draw drifts (an AR(1) walk), so no layout holds for ever
+                fresh = torch.randn(shape, device=tokens.device, generator=generator)
+                shared = sampler.shared_decay * shared + (1 - sampler.shared_decay ** 2) ** 0.5 * fresh
         x0 = sample(sampler, denoise, noise, generator)
         recache(model, x0, text, cache, prompt)
         yield x0

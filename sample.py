@@ -10,6 +10,7 @@ frames, wall time, frames/s, the latency of the first chunk and the cache size.
 """
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -93,6 +94,10 @@ def add_args(p, prompt=True):
                    help="each chunk starts from sqrt(A) x one noise drawn for the stream + sqrt(1 - A) x fresh noise "
                         "(0 = fresh, the default; docs/cpu-recipe.md section 26: 0.25 holds shapes in view but settles "
                         "into one layout over minutes; the chunked schedule)")
+    p.add_argument("--shared-time", type=float, default=0.0, metavar="T",
+                   help="with --shared-noise: the one draw drifts, its correlation after t seconds exp(-t / T), so "
+                        "a stream cannot settle into one layout (0 = fixed for the stream, the default; "
+                        "docs/cpu-recipe.md section 28)")
     p.add_argument("--topk", type=int, default=None,
                    help="history routing: top-k history frames per query (0 = dense; default: as trained)")
     p.add_argument("--fp32", action="store_true",
@@ -121,7 +126,7 @@ class Stream:
             fail(f"the video must be longer than 0 seconds (got {seconds:g})")
         if args.fps < 1 or (args.steps is not None and args.steps < 1):
             fail("--fps and --steps must be positive")
-        self.n_frames, self.fps = round(seconds * args.fps), args.fps
+        self.n_frames, self.fps, self.shared_time = round(seconds * args.fps), args.fps, args.shared_time
         if self.n_frames < 1:
             fail(f"{seconds:g} s at {args.fps} frames/s is no frame at all; ask for at least {1 / args.fps:g} s")
         if args.cfg is not None and args.cfg < 0:
@@ -132,6 +137,9 @@ class Stream:
             fail(f"--history-sigma is a noise level in [0, 1] (got {args.history_sigma:g})")
         if not 0 <= args.shared_noise < 1:
             fail(f"--shared-noise is a share in [0, 1): 1 would start every chunk alike (got {args.shared_noise:g})")
+        if args.shared_time < 0 or (args.shared_time and not args.shared_noise):
+            fail(f"--shared-time is the seconds over which --shared-noise's draw drifts: >= 0, with --shared-noise "
+                 f"(got {args.shared_time:g})")
         try:
             self.device = pick_device(args.device)
         except ValueError as e:
@@ -159,6 +167,8 @@ class Stream:
         self.sampler = SamplerConfig(kind=kind, steps=steps, cfg=own["cfg"] if args.cfg is None else args.cfg,
                                      history=args.history_guidance, history_sigma=args.history_sigma,
                                      shared_noise=args.shared_noise, shift=ckpt["shift"],
+                                     shared_decay=math.exp(-cfg.chunk / (args.fps * args.shared_time))
+                                     if args.shared_time else 1.0,
                                      levels=even_levels(steps),
                                      clip=None if self.vae else 1.0)
         self.schedule = args.schedule or ("rolling" if ckpt["method"] == "rolling" else "chunked")
@@ -234,6 +244,7 @@ class Stream:
                 + (f", history guidance {self.sampler.history:g} up to sigma {self.sampler.history_sigma:g}"
                    if self.sampler.history != 1 else "")
                 + (f", shared noise {self.sampler.shared_noise:g}" if self.sampler.shared_noise else "")
+                + (f" drifting over {self.shared_time:g} s" if self.shared_time else "")
                 + f" | top-k {self.model.cfg.topk or 'dense'} | {'bf16' if self.bf16 else 'fp32'} "
                 f"| prompt: {self.prompt}"
                 + "".join(f" | at {f / self.fps:g} s: {c}" for f, c in sorted(self.switches.items())))

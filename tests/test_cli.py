@@ -71,10 +71,10 @@ def test_init_starts_from_the_checkpoints_ema_weights(trained, tmp_path, frames)
 def test_slowfast_memory_streams_the_exact_frame_count(trained, tmp_path):
     out = str(tmp_path / "v.mp4")
     r = run("sample.py", "--ckpt", trained, "--seconds", "2", "--memory", "slowfast", "--promote", "0.05",
-            "--shared-noise", "0.25", "--out", out)
+            "--shared-noise", "0.25", "--shared-time", "2", "--out", out)
     assert r.returncode == 0, r.stderr
     assert "memory slowfast (promote 0.05)" in r.stdout and sum(1 for _ in imageio.get_reader(out)) == 32
-    assert "shared noise 0.25" in r.stdout
+    assert "shared noise 0.25 drifting over 2 s" in r.stdout
     assert "slow memory: promoted" in r.stdout   # how much it kept and how far back it reached
 
 
@@ -315,6 +315,7 @@ BAD_INPUT = [
     ("sample.py --ckpt {ckpt} --memory slowfast --tau 2 --out {out}", "tau"),
     ("sample.py --ckpt {ckpt} --memory slowfast --promote 1 --out {out}", "promote", "share"),
     ("sample.py --ckpt {ckpt} --shared-noise 1 --out {out}", "--shared-noise", "share"),
+    ("sample.py --ckpt {ckpt} --shared-time 2 --out {out}", "--shared-time", "with --shared-noise"),
     ("sample.py --ckpt {ckpt} --schedule rolling --sampler few --steps 1 --shared-noise 0.2 --out {out}",
      "--shared-noise", "chunked"),
     ("sample.py --ckpt {ckpt} --memory slowfast --slow 9 --out {out}", "slow 9", "exceeds"),

@@ -189,15 +189,22 @@ def test_shared_noise_starts_every_chunk_from_one_draw_and_a_fresh_one(monkeypat
     model.eval()
     seen, n = [], 3
     monkeypatch.setattr(R, "sample", lambda sampler, denoise, noise, gen: seen.append(noise) or torch.zeros_like(noise))
-    for a in (0.25, 0.0):
+    for a, decay in ((0.25, 1.0), (0.25, 0.6), (0.0, 1.0)):
         seen.clear()
         list(R.rollout(model, tokens, n * cfg.chunk, MemoryConfig("full"),
-                       SamplerConfig(steps=2, shift=1.0, shared_noise=a), torch.Generator().manual_seed(4)))
+                       SamplerConfig(steps=2, shift=1.0, shared_noise=a, shared_decay=decay),
+                       torch.Generator().manual_seed(4)))
         g = torch.Generator().manual_seed(4)
-        draws = [torch.randn(seen[0].shape, generator=g) for _ in range(n + 1)]
-        # with a share, the stream's one draw comes first and every chunk mixes it with its own; without, the
-        # chunks take the generator's draws as before the option existed
-        want = [a ** 0.5 * draws[0] + (1 - a) ** 0.5 * fresh for fresh in draws[1:]] if a else draws[:n]
+        draw = lambda: torch.randn(seen[0].shape, generator=g)
+        # with a share, the stream's one draw comes first and every chunk mixes it with its own (and, drifting,
+        # the draw then moves by a fresh one of its own); without, the chunks take the generator's draws as
+        # before the option existed
+        want, shared = [], draw() if a else None
+        for _ in range(n):
+            fresh = draw()
+            want.append(a ** 0.5 * shared + (1 - a) ** 0.5 * fresh if a else fresh)
+            if a and decay < 1:
+                shared = decay * shared + (1 - decay ** 2) ** 0.5 * draw()
         assert len(seen) == n
         for got, w in zip(seen, want):
             torch.testing.assert_close(got, w, rtol=0, atol=0)
