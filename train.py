@@ -230,19 +230,19 @@ def check(args) -> dict | None:
                                     or args.frames % cfg.chunk):
         raise SystemExit(f"train.py: error: --frames must be a whole number of chunks ({cfg.chunk} frames), at least "
                          f"two, and is for the methods that train from nothing ({', '.join(METHODS)})")
-    head = DiTConfig.preset(args.preset).head_dim
+    base = DiTConfig.preset(args.preset)
+    head = base.head_dim
     if args.dim is not None and (args.method not in METHODS or args.init or args.dim < head or args.dim % head):
         raise SystemExit(f"train.py: error: --dim must be a multiple of the --{args.preset} head size {head}, for the "
                          f"methods that train from nothing ({', '.join(METHODS)}; a fine-tune keeps its --init's width)")
     if args.depth is not None and (args.method not in METHODS or args.init or args.depth < 1):
         raise SystemExit(f"train.py: error: --depth must be at least 1, for the methods that train from nothing "
                          f"({', '.join(METHODS)}; a fine-tune keeps its --init's depth)")
-    base = DiTConfig.preset(args.preset)
     if args.patch is not None and (args.method not in METHODS or args.init or args.patch < 1
                                    or base.height % args.patch or base.width % args.patch):
-        raise SystemExit(f"train.py: error: --patch must divide the --{args.preset} frame ({base.height}x{base.width}), "
-                         f"for the methods that train from nothing ({', '.join(METHODS)}; a fine-tune keeps its "
-                         f"--init's patch)")
+        raise SystemExit(f"train.py: error: --patch must divide the --{args.preset} frame "
+                         f"({base.height}x{base.width}), for the methods that train from nothing "
+                         f"({', '.join(METHODS)}; a fine-tune keeps its --init's patch)")
     history = cfg.frames - cfg.chunk   # history frames the last chunk of a training clip has
     if not 0 <= args.route_sink <= history:
         raise SystemExit(f"train.py: error: --route-sink must be in 0..{history} (the history of a training clip)")
@@ -306,8 +306,8 @@ def check(args) -> dict | None:
         return None
     try:
         init = load_checkpoint(args.init)
-        if args.method in METHODS:   # a fine-tune has its --init's width and depth (--dim, --depth, --patch: from nothing)
-            base, theirs = DiTConfig.preset(args.preset), init["config"]
+        if args.method in METHODS:   # a fine-tune has its --init's width, depth and patch (flags: from nothing)
+            theirs = init["config"]
             args.dim = theirs["dim"] if theirs["dim"] != base.dim else None
             args.depth = theirs["depth"] if theirs["depth"] != base.depth else None
             args.patch = theirs["patch"] if theirs["patch"] != base.patch else None
