@@ -164,11 +164,11 @@ class Stream:
         if "sampler" in ckpt and kind == SAMPLER[ckpt["method"]]:   # the checkpoint's own, for the sampler it made
             own = ckpt["sampler"]
         steps = args.steps or own["steps"]
+        # --shared-time T in seconds -> the shared draw's correlation from one chunk to the next
+        decay = math.exp(-cfg.chunk / (args.fps * args.shared_time)) if args.shared_time else 1.0
         self.sampler = SamplerConfig(kind=kind, steps=steps, cfg=own["cfg"] if args.cfg is None else args.cfg,
                                      history=args.history_guidance, history_sigma=args.history_sigma,
-                                     shared_noise=args.shared_noise, shift=ckpt["shift"],
-                                     shared_decay=math.exp(-cfg.chunk / (args.fps * args.shared_time))
-                                     if args.shared_time else 1.0,
+                                     shared_noise=args.shared_noise, shared_decay=decay, shift=ckpt["shift"],
                                      levels=even_levels(steps),
                                      clip=None if self.vae else 1.0)
         self.schedule = args.schedule or ("rolling" if ckpt["method"] == "rolling" else "chunked")
