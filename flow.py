@@ -57,6 +57,7 @@ class SamplerConfig:
     kind: str = "euler"         # "euler": many-step flow ODE with CFG; "few": predict x0, re-noise (distilled)
     steps: int = 16             # euler steps
     cfg: float = 3.0            # classifier-free guidance scale (euler); 1 = off
+    cfg_sigma: float = 1.0      # ... applied at the noise levels up to this one only (1 = at every level)
     history: float = 1.0        # history guidance scale (rollout.denoiser); 1 = off
     history_sigma: float = 0.5  # ... applied at the noise levels up to this one only
     shared_noise: float = 0.0   # share of each chunk's starting noise drawn once for the stream (rollout); 0 = off

@@ -101,6 +101,11 @@ def denoiser(model, text, cache: KVCache, prompt, sampler: SamplerConfig):
     """denoise(x, sigma) -> v for a chunk x (B, n, C, H, W) against the cache; text is the stream's prompt batch
     (prompts(tokens, sampler.guided)): under guidance x runs beside itself under the null prompt.
 
+    sampler.cfg_sigma < 1 guides only the levels up to it (Kynkaanniemi et al. 2024, Applying Guidance in a Limited
+    Interval): at the highest levels, where a chunk's layout is decided, guidance pushes away from the null prompt's
+    objects and the chunk draws fewer (docs/cpu-recipe.md section 30). The null pass still runs there, so the batch
+    and the cache keep one layout.
+
     sampler.history != 1 adds history guidance (Song et al. 2025, History-Guided Video Diffusion): the chunk also
     runs alone, as the first chunk of a clip, under the prompt, and the step moves further from that prediction
     towards the one that reads the cache, v += (history - 1) (v_cache - v_alone), at the levels up to
@@ -113,9 +118,9 @@ def denoiser(model, text, cache: KVCache, prompt, sampler: SamplerConfig):
         xx = torch.cat([x, x]) if sampler.guided else x
         sigma = torch.full(xx.shape[:2], s, device=x.device)
         v = model.forward_cached(xx, sigma, text, cache, prompt=prompt)[0].float()
-        if sampler.guided:
+        if sampler.guided:   # above cfg_sigma the step is the prompt's own (guidance interval)
             v_cond, v_null = v.chunk(2)
-            out = v_null + sampler.cfg * (v_cond - v_null)
+            out = v_null + (sampler.cfg if s <= sampler.cfg_sigma else 1.0) * (v_cond - v_null)
         else:
             v_cond = out = v
         if sampler.history != 1 and cache.frames and s <= sampler.history_sigma:

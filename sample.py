@@ -83,6 +83,9 @@ def add_args(p, prompt=True):
                    help=f"denoising calls per chunk (default: the checkpoint's own, else {STEPS})")
     p.add_argument("--cfg", type=float, default=None,
                    help=f"classifier-free guidance scale, 1 = off (default: the checkpoint's own, else {CFG:g})")
+    p.add_argument("--cfg-sigma", type=float, default=SamplerConfig.cfg_sigma, metavar="S",
+                   help="guidance runs at the noise levels up to S only, the prompt alone above (1 = every level, "
+                        "the default; docs/cpu-recipe.md section 30)")
     p.add_argument("--history-guidance", type=float, default=SamplerConfig.history, metavar="G",
                    help="history guidance scale, 1 = off (the default; docs/cpu-recipe.md section 21): each chunk also "
                         "runs without the cache and the step moves G - 1 further towards the cache's prediction (one "
@@ -131,6 +134,8 @@ class Stream:
             fail(f"{seconds:g} s at {args.fps} frames/s is no frame at all; ask for at least {1 / args.fps:g} s")
         if args.cfg is not None and args.cfg < 0:
             fail(f"--cfg must be >= 0 (1 = no guidance; got {args.cfg:g})")
+        if not 0 <= args.cfg_sigma <= 1:
+            fail(f"--cfg-sigma is a noise level in [0, 1] (got {args.cfg_sigma:g})")
         if args.history_guidance < 0:
             fail(f"--history-guidance must be >= 0 (1 = off; got {args.history_guidance:g})")
         if not 0 <= args.history_sigma <= 1:
@@ -167,7 +172,8 @@ class Stream:
         # --shared-time T in seconds -> the shared draw's correlation from one chunk to the next
         decay = math.exp(-cfg.chunk / (args.fps * args.shared_time)) if args.shared_time else 1.0
         self.sampler = SamplerConfig(kind=kind, steps=steps, cfg=own["cfg"] if args.cfg is None else args.cfg,
-                                     history=args.history_guidance, history_sigma=args.history_sigma,
+                                     cfg_sigma=args.cfg_sigma, history=args.history_guidance,
+                                     history_sigma=args.history_sigma,
                                      shared_noise=args.shared_noise, shared_decay=decay, shift=ckpt["shift"],
                                      levels=even_levels(steps),
                                      clip=None if self.vae else 1.0)
@@ -241,6 +247,8 @@ class Stream:
                 + (", resink" if self.memory.resink else "") + ("" if self.memory.reencode else ", no re-encode")
                 + f" | {self.sampler.kind} x {self.sampler.steps}" + (", rolling" if self.schedule == "rolling" else "")
                 + (f", guidance {self.sampler.cfg:g}" if self.sampler.kind == "euler" else "")
+                + (f" up to sigma {self.sampler.cfg_sigma:g}" if self.sampler.guided and self.sampler.cfg_sigma < 1
+                   else "")
                 + (f", history guidance {self.sampler.history:g} up to sigma {self.sampler.history_sigma:g}"
                    if self.sampler.history != 1 else "")
                 + (f", shared noise {self.sampler.shared_noise:g}" if self.sampler.shared_noise else "")

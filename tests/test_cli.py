@@ -309,6 +309,7 @@ BAD_INPUT = [
     ("sample.py --ckpt {ckpt} --cfg -1 --out {out}", "--cfg"),
     ("sample.py --ckpt {ckpt} --history-guidance -1 --out {out}", "--history-guidance"),
     ("sample.py --ckpt {ckpt} --history-sigma 2 --out {out}", "--history-sigma"),
+    ("sample.py --ckpt {ckpt} --cfg-sigma -0.1 --out {out}", "--cfg-sigma"),
     ("sample.py --ckpt {ckpt} --schedule rolling --sampler few --steps 1 --history-guidance 2 --out {out}",
      "--history-guidance", "chunked"),
     ("sample.py --ckpt {ckpt} --schedule rolling --out {out}", "--sampler few"),

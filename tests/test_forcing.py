@@ -172,6 +172,25 @@ def test_history_guidance_extrapolates_from_the_chunk_alone_to_the_chunk_on_the_
     torch.testing.assert_close(*above)
 
 
+def test_guidance_interval_guides_only_the_levels_up_to_its_sigma():
+    # above cfg_sigma the step is the prompt's own prediction (guidance 1), at and below it the guided one
+    model, cfg, x0, tokens = randomised_tiny(3)
+    model.eval()
+    every = SamplerConfig(steps=4, cfg=3.0, shift=1.0)
+    interval = SamplerConfig(steps=4, cfg=3.0, cfg_sigma=0.5, shift=1.0)
+    text = prompts(tokens, True)
+    x = torch.randn(2, cfg.chunk, 3, cfg.height, cfg.width, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = KVCache(MemoryConfig("full"), cfg.depth)
+        recache(model, x0[:, :cfg.chunk], text, cache)
+        v = {s: [denoiser(model, text, cache, None, sampler)(x, s) for sampler in (every, interval)]
+             for s in (0.5, 0.8)}
+        v_cond = model.forward_cached(torch.cat([x, x]), torch.full((4, cfg.chunk), 0.8), text, cache)[0][:2].float()
+    torch.testing.assert_close(v[0.5][1], v[0.5][0])
+    torch.testing.assert_close(v[0.8][1], v_cond, atol=1e-5, rtol=1e-4)
+    assert (v[0.8][0] - v_cond).abs().max() > 1e-3   # guidance does move the step there
+
+
 def test_history_guidance_leaves_the_first_chunk_and_changes_the_rest():
     model, cfg, _, tokens = randomised_tiny(5)
     model.eval()
